@@ -1,0 +1,139 @@
+"""``PatchRankingInferer``: turns a reconstructor into patch scores, ranked image scores and heatmaps.
+
+The ranking logic lives in the inferer (not in a post-processing step) so that every consumer of the bundle
+— the bundle's own evaluator, MONAI Label's ``BundleInferTask``, the exported models' tests — gets the same
+scores from ``inferer(inputs, network)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from monai.inferers import Inferer
+
+from scripts.scoring import aggregate_slices, checkerboard_masks, patch_grid, pixel_errors, ranking_score
+from scripts.transforms import resize_slices, select_slices, slice_foreground
+
+TEST_INPUTS = ("inpaint", "image")
+
+
+@dataclass
+class AnomalyScores:
+    """Everything the inferer measured on one input batch (a volume or a batch of 2D images).
+
+    ``heatmap`` has the input's layout (``(B, 1, H, W)`` or ``(1, 1, H, W, D)``); per-slice tensors are indexed
+    by slice (axial index for a volume, batch index for images); ``slice_scores`` is NaN where a slice was not
+    scored (too little foreground). ``reconstruction`` and ``patch_errors`` cover the scored slices only, at the
+    network's resolution.
+    """
+
+    heatmap: torch.Tensor
+    slice_scores: torch.Tensor
+    slice_valid: torch.Tensor
+    patch_errors: torch.Tensor
+    reconstruction: torch.Tensor
+    resized: torch.Tensor
+    case_scores: torch.Tensor
+
+
+class PatchRankingInferer(Inferer):
+    """Score images by targeted patch ranking of their reconstruction errors.
+
+    Args:
+        image_size: side of the square the network sees; slices are resized to it and heatmaps back.
+        patch_size: side of a scoring patch (the paper: 32 pixels at 256).
+        ranking_weights: weights of the top-ranked patch errors (paper: 1.1, 1.0); see ``ranking_score``.
+        ranking: False gives the paper's no-ranking ablation (mean patch error).
+        test_input: ``"inpaint"`` reconstructs every patch from its context in ``inpaint_stride**2`` masked
+            passes (a checkerboard of the patch grid); ``"image"`` feeds the unmasked image once.
+        inpaint_stride: checkerboard period in patches.
+        min_brain_fraction: volume slices with less foreground than this fraction of the largest are not scored.
+        foreground: ``"nonzero"`` (brain: normalised voxels above zero) or ``"all"`` (every pixel, e.g. skin).
+        volume_aggregation, top_k_slices: how slice scores become a volume score (``aggregate_slices``).
+        slice_batch_size: slices per network call.
+        amp: bf16 autocast on CUDA.
+    """
+
+    def __init__(
+        self,
+        image_size: int,
+        patch_size: int = 32,
+        ranking_weights: Sequence[float] = (1.1, 1.0),
+        ranking: bool = True,
+        test_input: str = "inpaint",
+        inpaint_stride: int = 2,
+        min_brain_fraction: float = 0.1,
+        foreground: str = "nonzero",
+        volume_aggregation: str = "topk_mean",
+        top_k_slices: int = 3,
+        slice_batch_size: int = 32,
+        amp: bool = False,
+    ) -> None:
+        super().__init__()
+        if test_input not in TEST_INPUTS:
+            raise ValueError(f"unknown test_input {test_input!r}: use one of {TEST_INPUTS}")
+        if foreground not in ("nonzero", "all"):
+            raise ValueError(f"unknown foreground {foreground!r}: use 'nonzero' or 'all'")
+        if image_size % patch_size:
+            raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
+        self.image_size, self.patch_size = image_size, patch_size
+        self.weights = tuple(ranking_weights) if ranking else None
+        self.test_input, self.inpaint_stride = test_input, inpaint_stride
+        self.min_brain_fraction, self.foreground = min_brain_fraction, foreground
+        self.volume_aggregation, self.top_k_slices = volume_aggregation, top_k_slices
+        self.slice_batch_size, self.amp = slice_batch_size, amp
+
+    def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The anomaly heatmap of ``inputs``, same layout and spatial size (what MONAI Label shows as ``pred``)."""
+        return self.score(inputs, network).heatmap
+
+    @torch.no_grad()
+    def score(self, inputs: torch.Tensor, network: torch.nn.Module) -> AnomalyScores:
+        """Scores, heatmap and reconstruction of a volume ``(1, C, H, W, D)`` or images ``(B, C, H, W)``."""
+        is_volume = inputs.ndim == 5
+        if is_volume and inputs.shape[0] != 1:
+            raise ValueError(f"volumes are scored one at a time, got a batch of {inputs.shape[0]}")
+        slices = inputs[0].permute(3, 0, 1, 2) if is_volume else inputs
+        slices = torch.as_tensor(slices).float()
+        region = self._region(slices)
+        valid = select_slices(region.flatten(1).sum(1), self.min_brain_fraction if is_volume else 0.0)
+        resized = resize_slices(slices[valid], self.image_size)
+        recon = self.reconstruct(resized, network)
+        small_region = self._region(resized)
+        grid = patch_grid(pixel_errors(resized, recon, small_region), self.patch_size)
+        scores = torch.full((len(slices),), float("nan"), device=slices.device)
+        scores[valid] = ranking_score(grid, self.weights).to(scores.dtype)
+        heat = torch.zeros((len(slices), 1, *slices.shape[-2:]), device=slices.device)
+        heat[valid] = F.interpolate(grid.unsqueeze(1).float(), size=slices.shape[-2:], mode="nearest")
+        heat = heat * region
+        heatmap = heat.permute(1, 2, 3, 0).unsqueeze(0) if is_volume else heat
+        case = aggregate_slices(scores[valid], self.volume_aggregation, self.top_k_slices).view(1) if is_volume else scores
+        return AnomalyScores(heatmap, scores, valid, grid, recon, resized, case)
+
+    def reconstruct(self, images: torch.Tensor, network: torch.nn.Module) -> torch.Tensor:
+        """Reconstruction of each image: one unmasked pass, or the composite of the in-painting passes."""
+        if self.test_input == "image":
+            return self._run(images, network)
+        masks = checkerboard_masks(self.image_size, self.patch_size, self.inpaint_stride).to(images.device)
+        passes = (images.unsqueeze(0) * (1 - masks.unsqueeze(1))).flatten(0, 1)
+        recon = self._run(passes, network).view(len(masks), *images.shape)
+        return (recon * masks.unsqueeze(1)).sum(0)
+
+    def _run(self, images: torch.Tensor, network: torch.nn.Module) -> torch.Tensor:
+        use_amp = self.amp and images.device.type == "cuda"
+        context = torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else nullcontext()
+        outputs = []
+        with context:
+            for chunk in torch.split(images, self.slice_batch_size):
+                outputs.append(network(chunk).float())
+        return torch.cat(outputs) if outputs else images.clone()
+
+    def _region(self, slices: torch.Tensor) -> torch.Tensor:
+        if self.foreground == "all":
+            return torch.ones((len(slices), 1, *slices.shape[-2:]), dtype=torch.bool, device=slices.device)
+        return slice_foreground(slices)

@@ -1,0 +1,75 @@
+"""Patch-wise anomaly scoring: patch errors on a grid, targeted patch ranking, slice and volume aggregation.
+
+Pure tensor functions, vectorised over slices and patches, shared by the inferer, the validation metric,
+the handlers and the tests. Conventions: slices are ``(N, C, H, W)``; a patch grid is ``(N, H // p, W // p)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+PAPER_RANKING_WEIGHTS = (1.1, 1.0)
+
+
+def pixel_errors(image: torch.Tensor, recon: torch.Tensor, region: torch.Tensor | None = None) -> torch.Tensor:
+    """Squared reconstruction error averaged over channels, ``(N, 1, H, W)``; zero outside ``region``."""
+    err = (image.float() - recon.float()).pow(2).mean(dim=1, keepdim=True)
+    return err if region is None else err * region.float()
+
+
+def patch_grid(error_map: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Mean of a per-pixel map over non-overlapping ``patch_size`` squares: ``(N, 1, H, W) -> (N, H/p, W/p)``."""
+    height, width = error_map.shape[-2:]
+    if height % patch_size or width % patch_size:
+        raise ValueError(f"image size {height}x{width} is not a multiple of patch_size {patch_size}")
+    return F.avg_pool2d(error_map, kernel_size=patch_size, stride=patch_size).squeeze(1)
+
+
+def ranking_score(patch_errors: torch.Tensor, weights: Sequence[float] | None = PAPER_RANKING_WEIGHTS) -> torch.Tensor:
+    """Targeted patch ranking: ``sum_i w_i * e_(i)`` over the patch errors sorted from high to low.
+
+    ``weights`` gives one weight per top-ranked patch (the paper: 1.1 for the first, 1.0 for the next); patches
+    beyond ``len(weights)`` do not count. ``weights=None`` is the paper's no-ranking ablation: the mean error
+    of all patches. Works on any ``(N, ...)`` grid; returns ``(N,)``.
+    """
+    flat = patch_errors.flatten(1).float()
+    if weights is None:
+        return flat.mean(dim=1)
+    k = min(len(weights), flat.shape[1])
+    top = torch.topk(flat, k, dim=1).values
+    w = torch.as_tensor(list(weights)[:k], dtype=top.dtype, device=top.device)
+    return top @ w
+
+
+def aggregate_slices(slice_scores: torch.Tensor, method: str = "topk_mean", k: int = 3) -> torch.Tensor:
+    """One volume score from its slice scores: ``max``, ``mean`` or ``topk_mean`` (mean of the k highest)."""
+    if slice_scores.numel() == 0:
+        return torch.tensor(float("nan"))
+    if method == "max":
+        return slice_scores.max()
+    if method == "mean":
+        return slice_scores.mean()
+    if method == "topk_mean":
+        return torch.topk(slice_scores, min(k, slice_scores.numel())).values.mean()
+    raise ValueError(f"unknown volume aggregation {method!r}: use 'max', 'mean' or 'topk_mean'")
+
+
+def grid_to_heatmap(patch_errors: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Bring a patch grid back to image size (each patch's error fills its square): ``(N, 1, H, W)``."""
+    return patch_errors.unsqueeze(1).repeat_interleave(patch_size, dim=2).repeat_interleave(patch_size, dim=3)
+
+
+def checkerboard_masks(image_size: int, patch_size: int, stride: int = 2) -> torch.Tensor:
+    """In-painting masks ``(stride**2, 1, S, S)`` that together cover every patch of the grid exactly once.
+
+    Pass ``(a, b)`` blacks out the patches whose grid row is ``a`` mod ``stride`` and column is ``b`` mod
+    ``stride``, so each patch is reconstructed from its unmasked neighbours: its normal context.
+    """
+    cells = image_size // patch_size
+    rows = torch.arange(cells).view(-1, 1) % stride
+    cols = torch.arange(cells).view(1, -1) % stride
+    grids = torch.stack([((rows == a) & (cols == b)).float() for a in range(stride) for b in range(stride)])
+    return grid_to_heatmap(grids, patch_size)

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Install the environment (idempotent) and run the test suite. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")"
+bash install.sh
+. .venv/bin/activate
+python -m pytest -q "$@"

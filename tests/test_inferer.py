@@ -1,0 +1,85 @@
+"""PatchRankingInferer: shapes, in-painting passes, slice selection and scores on hand-made networks."""
+
+import pytest
+import torch
+from torch import nn
+
+from scripts.inferer import PatchRankingInferer
+from scripts.scoring import ranking_score
+
+
+class Identity(nn.Module):
+    def forward(self, x):
+        return x
+
+
+class Constant(nn.Module):
+    """Predicts a flat 0.5 image: the error is known in closed form."""
+
+    def forward(self, x):
+        return torch.full_like(x, 0.5)
+
+
+def brain_volume(size=32, depth=10):
+    """A (1, 1, H, W, D) volume: foreground 0.5 in the middle slices, empty end slices, one bright patch."""
+    vol = torch.zeros(1, 1, size, size, depth)
+    vol[..., 2:-2] = 0.5
+    vol[0, 0, 8:16, 8:16, 5] = 1.5
+    return vol
+
+
+def test_image_mode_with_a_perfect_reconstructor_scores_zero():
+    inferer = PatchRankingInferer(image_size=32, patch_size=8, test_input="image", foreground="all")
+    images = torch.rand(3, 1, 32, 32)
+    scores = inferer.score(images, Identity())
+    assert scores.heatmap.shape == images.shape
+    assert torch.all(scores.slice_scores == 0)
+
+
+def test_inpainting_replaces_every_patch_by_its_masked_reconstruction():
+    inferer = PatchRankingInferer(image_size=16, patch_size=4, test_input="inpaint", foreground="all")
+    images = torch.rand(2, 1, 16, 16) + 1.0
+    recon = inferer.reconstruct(images, Identity())
+    # an identity network sees zeros where a patch is masked, and each patch is masked in exactly one pass
+    assert torch.allclose(recon, torch.zeros_like(images))
+
+
+def test_volume_scores_use_ranking_and_skip_empty_slices():
+    inferer = PatchRankingInferer(image_size=32, patch_size=8, test_input="image", ranking_weights=(1.1, 1.0))
+    scores = inferer.score(brain_volume(), Constant())
+    assert scores.heatmap.shape == (1, 1, 32, 32, 10)
+    assert scores.slice_valid.tolist() == [False, False] + [True] * 6 + [False, False]
+    assert torch.isnan(scores.slice_scores[0]) and not torch.isnan(scores.slice_scores[5])
+    # slice 5: the bright patch has error (1.5 - 0.5)^2 = 1, every other patch 0
+    assert scores.slice_scores[5].item() == pytest.approx(1.1 * 1.0 + 1.0 * 0.0)
+    assert scores.slice_scores[4].item() == pytest.approx(0.0)
+    assert scores.case_scores.shape == (1,)
+    assert scores.heatmap[0, 0, 10, 10, 5].item() == pytest.approx(1.0)
+    assert scores.heatmap[0, 0, 0, 0, 0].item() == 0.0
+
+
+def test_no_ranking_gives_the_mean_patch_error():
+    inferer = PatchRankingInferer(image_size=32, patch_size=8, test_input="image", ranking=False)
+    scores = inferer.score(brain_volume(), Constant())
+    assert scores.slice_scores[5].item() == pytest.approx(ranking_score(scores.patch_errors, None)[3].item())
+    assert scores.slice_scores[5].item() == pytest.approx(1.0 / 16)
+
+
+def test_resizing_keeps_the_heatmap_on_the_input_grid():
+    inferer = PatchRankingInferer(image_size=16, patch_size=4, test_input="image", foreground="all")
+    images = torch.rand(2, 3, 40, 24)
+    scores = inferer.score(images, Constant())
+    assert scores.heatmap.shape == (2, 1, 40, 24)
+    assert scores.reconstruction.shape == (2, 3, 16, 16)
+
+
+def test_call_returns_the_heatmap_for_monai_label():
+    inferer = PatchRankingInferer(image_size=32, patch_size=8)
+    heat = inferer(brain_volume(), Constant())
+    assert heat.shape == (1, 1, 32, 32, 10)
+
+
+@pytest.mark.parametrize("kwargs", [{"test_input": "noise"}, {"foreground": "skin"}, {"image_size": 30}])
+def test_bad_options_are_rejected(kwargs):
+    with pytest.raises(ValueError):
+        PatchRankingInferer(**{"image_size": 32, "patch_size": 8, **kwargs})

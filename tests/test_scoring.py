@@ -1,0 +1,93 @@
+"""The ranking arithmetic and patch-grid helpers on hand-made inputs."""
+
+import pytest
+import torch
+
+from scripts.scoring import (
+    aggregate_slices,
+    checkerboard_masks,
+    grid_to_heatmap,
+    patch_grid,
+    pixel_errors,
+    ranking_score,
+)
+
+
+def test_ranking_weights_the_sorted_top_patches():
+    errors = torch.tensor([[[0.1, 0.9], [0.5, 0.2]], [[1.0, 1.0], [0.0, 0.0]]])
+    scores = ranking_score(errors, (1.1, 1.0))
+    assert scores.tolist() == pytest.approx([1.1 * 0.9 + 1.0 * 0.5, 1.1 * 1.0 + 1.0 * 1.0])
+
+
+def test_no_ranking_is_the_mean_patch_error():
+    errors = torch.tensor([[[0.1, 0.9], [0.5, 0.2]]])
+    assert ranking_score(errors, None).item() == pytest.approx(0.425)
+
+
+def test_ranking_separates_a_focal_lesion_that_the_mean_hides():
+    focal = torch.zeros(1, 8, 8)
+    focal[0, 3, 4] = 1.0  # one very abnormal patch
+    diffuse = torch.full((1, 8, 8), 1.2 / 64)  # same total error spread everywhere
+    assert ranking_score(focal, None) < ranking_score(diffuse, None)
+    assert ranking_score(focal) > ranking_score(diffuse)
+
+
+def test_more_weights_than_patches_uses_all_patches():
+    errors = torch.tensor([[[2.0]]])
+    assert ranking_score(errors, (1.1, 1.0, 1.0)).item() == pytest.approx(2.2)
+
+
+def test_patch_grid_averages_each_square():
+    error_map = torch.zeros(1, 1, 4, 4)
+    error_map[0, 0, :2, :2] = 4.0
+    error_map[0, 0, 3, 3] = 8.0
+    grid = patch_grid(error_map, 2)
+    assert grid.shape == (1, 2, 2)
+    assert grid[0].tolist() == [[4.0, 0.0], [0.0, 2.0]]
+
+
+def test_patch_grid_rejects_a_size_that_is_not_a_multiple():
+    with pytest.raises(ValueError, match="multiple"):
+        patch_grid(torch.zeros(1, 1, 10, 10), 4)
+
+
+def test_pixel_errors_average_channels_and_respect_the_region():
+    image = torch.ones(1, 3, 2, 2)
+    recon = torch.zeros(1, 3, 2, 2)
+    recon[:, 0] = 1.0
+    region = torch.tensor([[[[1, 0], [1, 1]]]])
+    err = pixel_errors(image, recon, region)
+    torch.testing.assert_close(err[0, 0], torch.tensor([[2 / 3, 0.0], [2 / 3, 2 / 3]]))
+
+
+def test_heatmap_repeats_each_patch_error_over_its_square():
+    grid = torch.tensor([[[1.0, 2.0], [3.0, 4.0]]])
+    heat = grid_to_heatmap(grid, 3)
+    assert heat.shape == (1, 1, 6, 6)
+    assert heat[0, 0, 4, 1].item() == 3.0 and heat[0, 0, 0, 5].item() == 2.0
+
+
+@pytest.mark.parametrize("stride", [1, 2, 3])
+def test_checkerboard_passes_cover_every_pixel_exactly_once(stride):
+    masks = checkerboard_masks(image_size=24, patch_size=4, stride=stride)
+    assert masks.shape == (stride**2, 1, 24, 24)
+    assert torch.equal(masks.sum(0), torch.ones(1, 24, 24))
+
+
+def test_checkerboard_masks_whole_patches_with_unmasked_neighbours():
+    masks = checkerboard_masks(image_size=8, patch_size=2, stride=2)
+    first = masks[0, 0]
+    assert first[:2, :2].eq(1).all() and first[:2, 2:4].eq(0).all() and first[2:4, :2].eq(0).all()
+
+
+@pytest.mark.parametrize(
+    ("method", "expected"), [("max", 5.0), ("mean", 2.5), ("topk_mean", 4.0)]
+)
+def test_volume_aggregation(method, expected):
+    scores = torch.tensor([1.0, 5.0, 3.0, 1.0])
+    assert aggregate_slices(scores, method, k=2).item() == pytest.approx(expected)
+
+
+def test_volume_aggregation_rejects_unknown_methods():
+    with pytest.raises(ValueError, match="median"):
+        aggregate_slices(torch.ones(3), "median")
