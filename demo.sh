@@ -8,10 +8,15 @@ bash install.sh
 . .venv/bin/activate
 export PYTHONUNBUFFERED=1
 python -m scripts.synthetic --output demo_data/synthetic --cases 16 --seed 0
-python -m scripts.datalist --dataset-dir demo_data/synthetic --output demo_data/datalist.json --seed 0
+python -m scripts.datalist --dataset-dir demo_data/synthetic --output demo_data/datalist.json --seed 0 \
+    --val-fraction 0.25 --test-fraction 0.25
 python -m monai.bundle run training --config_file "['configs/train.json','configs/demo.json']"
 python -m monai.bundle run run --config_file "['configs/inference.json','configs/demo.json']"
-python -m scripts.evaluation --output-dir runs/demo --eval-dir runs/demo/evaluation
+# normal validation scores fix the operating threshold (no test label is used for it)
+python -m monai.bundle run run --config_file "['configs/inference.json','configs/demo.json']" \
+    --datalist_split validation --output_dir runs/demo/validation --write_heatmaps false
+python -m scripts.evaluation --output-dir runs/demo --eval-dir runs/demo/evaluation \
+    --validation-output-dir runs/demo/validation --datalist demo_data/datalist.json
 cat <<MSG
 
 Done. Outputs of the demo run:

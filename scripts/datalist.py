@@ -100,13 +100,15 @@ def split_cases(
     fractions = (max(0.0, 1.0 - val_fraction - test_fraction), val_fraction, test_fraction)
     rng = np.random.default_rng(seed)
     splits: dict[str, list[str]] = {split: [] for split in SPLITS}
-    groups = sorted({labels.get(case, -1) for case in case_ids})
-    for group in groups:
+    deficit = [0.0, 0.0, 0.0]  # carried rounding error, so that the totals follow the fractions too
+    for group in sorted({labels.get(case, -1) for case in case_ids}):
         members = sorted(case for case in case_ids if labels.get(case, -1) == group)
         shuffled = [members[i] for i in rng.permutation(len(members))]
+        counts = _allocate(len(members), fractions, deficit)
         start = 0
-        for split, count in zip(SPLITS, _allocate(len(members), fractions)):
+        for index, (split, count) in enumerate(zip(SPLITS, counts)):
             splits[split].extend(shuffled[start : start + count])
+            deficit[index] += len(members) * fractions[index] - count
             start += count
     return {split: sorted(ids) for split, ids in splits.items()}
 
@@ -193,12 +195,14 @@ def find_brats_cases(dataset_dir: str | os.PathLike) -> list[dict[str, Any]]:
 def find_msd_cases(dataset_dir: str | os.PathLike, channel: int = 0) -> list[dict[str, Any]]:
     """One item per ``imagesTr/*.nii.gz`` of an MSD task (macOS ``._*`` files skipped), FLAIR ``channel`` set."""
     root = Path(dataset_dir)
-    images = sorted(p for p in (root / "imagesTr").glob("*.nii*") if _visible(p) and _strip_suffix(p.name, (".nii.gz", ".nii")))
+    nifti = (".nii.gz", ".nii")
+    images = sorted(p for p in (root / "imagesTr").glob("*.nii*") if _visible(p) and _strip_suffix(p.name, nifti))
     if not images:
         raise InputError(f"{root / 'imagesTr'}: no .nii.gz images found (MSD layout)")
     items = []
     for image in images:
-        item: dict[str, Any] = {"case_id": _strip_suffix(image.name, (".nii.gz", ".nii")), "image": str(image), "channel": int(channel)}
+        case_id = _strip_suffix(image.name, nifti)
+        item: dict[str, Any] = {"case_id": case_id, "image": str(image), "channel": int(channel)}
         seg = root / "labelsTr" / image.name
         if seg.is_file():
             item.update(seg=str(seg), label=_has_lesion(seg))
@@ -239,7 +243,10 @@ def find_image_cases(
 
 
 def read_labels_csv(path: str | os.PathLike) -> dict[str, int]:
-    """``image_id -> 0|1`` from a CSV (header ``image_id,label`` or none); benign/normal/0 -> 0, malignant/abnormal/1 -> 1."""
+    """``image_id -> 0|1`` from a CSV with header ``image_id,label`` (or none, as the official ISIC files).
+
+    benign/normal/0 -> 0 and malignant/abnormal/1 -> 1; any other value raises ``InputError`` naming the row.
+    """
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: labels CSV not found")
@@ -261,11 +268,15 @@ def read_labels_csv(path: str | os.PathLike) -> dict[str, int]:
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-def _allocate(n: int, fractions: Sequence[float]) -> list[int]:
-    """Split ``n`` into counts proportional to ``fractions`` (largest remainder), at least 1 per positive fraction when possible."""
+def _allocate(n: int, fractions: Sequence[float], deficit: Sequence[float]) -> list[int]:
+    """Split ``n`` into counts proportional to ``fractions``, at least 1 per positive fraction when possible.
+
+    Largest remainder rounding; the leftover cases go first to the splits that earlier groups short-changed
+    (``deficit``), which keeps the overall split sizes close to the fractions.
+    """
     exact = [n * f for f in fractions]
     counts = [math.floor(x + 1e-9) for x in exact]
-    order = sorted(range(len(exact)), key=lambda i: (-(exact[i] - counts[i]), i))
+    order = sorted(range(len(exact)), key=lambda i: (-(exact[i] - counts[i] + deficit[i]), i))
     for i in order[: n - sum(counts)]:
         counts[i] += 1
     wanted = [i for i, f in enumerate(fractions) if f > 0]
@@ -350,7 +361,7 @@ def _absolute(item: Mapping[str, Any], base: Path, source: str) -> dict[str, Any
     out.setdefault("case_id", Path(str(item["image"])).name.split(".")[0])
     for key in ("image", "seg"):
         if out.get(key):
-            out[key] = str(Path(base, out[key]).resolve()) if not os.path.isabs(out[key]) else str(out[key])
+            out[key] = os.path.abspath(os.path.join(base, out[key]))  # normalised, symlinks kept
     return out
 
 

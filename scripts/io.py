@@ -220,7 +220,10 @@ def _pick_channel(path: str | os.PathLike, data: np.ndarray, channel: int | None
     return data[..., int(channel)]
 
 
-def _check_same_grid(path: str | os.PathLike, shape: tuple[int, ...], affine: np.ndarray, reference: nib.Nifti1Image) -> None:
+def _check_same_grid(
+    path: str | os.PathLike, shape: tuple[int, ...], affine: np.ndarray, reference: nib.Nifti1Image
+) -> None:
+    """Raise ``InputError`` naming the mask when it is not on the reference image's voxel grid."""
     ref_shape = tuple(reference.shape[:3])
     if tuple(shape) != ref_shape:
         raise InputError(f"{path}: mask shape {tuple(shape)} differs from the image shape {ref_shape}")

@@ -160,7 +160,10 @@ def _ventricles(grid, shape, rng: np.random.Generator) -> np.ndarray:
 
 
 def _add_lesion(tissue, seg, brain, shape, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """One irregular bright blob (1.5-2.5x white matter, ventricles included) centred in the middle third of the slices, inside the brain."""
+    """One irregular bright blob (1.5-2.5x white matter) inside the brain, centred in the middle slices.
+
+    Keeping lesions to the middle of the volume leaves lesion-free brain slices in every abnormal case.
+    """
     size = np.asarray(shape, dtype=np.float64)
     radii = size * rng.uniform([0.05, 0.05, 0.06], [0.10, 0.10, 0.11])
     in_plane = np.zeros((3, 3, 3), dtype=bool)

@@ -1,0 +1,1 @@
+"""Baseline methods compared with the bundle's masked-reconstruction detector."""
