@@ -11,7 +11,6 @@ import csv
 import io as _io
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,32 +20,22 @@ import torch
 from ignite.engine import Engine, Events
 from PIL import Image, PngImagePlugin
 
+from scripts import io
 from scripts.inferer import AnomalyScores
+from scripts.visualize import overlay_figure
 
 logger = logging.getLogger(__name__)
 
 PNG_SCALE = 10000.0  # 2D heatmaps are 16-bit PNGs holding round(error * PNG_SCALE)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write a text file through a temporary file in the same folder and an atomic rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def write_csv_atomic(path: Path, header: list[str], rows: list[list[Any]]) -> None:
+    """Write a CSV in one atomic step (see ``scripts.io.write_atomic``)."""
     buffer = _io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(header)
     writer.writerows(rows)
-    write_text_atomic(path, buffer.getvalue())
+    io.write_atomic(path, lambda handle: handle.write(buffer.getvalue().encode()))
 
 
 def to_original_grid(volume: np.ndarray, original_affine: np.ndarray) -> np.ndarray:
@@ -56,34 +45,12 @@ def to_original_grid(volume: np.ndarray, original_affine: np.ndarray) -> np.ndar
     return nib.orientations.apply_orientation(volume, back)
 
 
-def save_heatmap_nifti(heatmap: np.ndarray, original_affine: np.ndarray, path: Path) -> None:
-    """Save a RAS heatmap on the input FLAIR's own grid and affine (it overlays in 3D Slicer / ITK-SNAP)."""
-    data = to_original_grid(heatmap.astype(np.float32), original_affine)
-    image = nib.Nifti1Image(data, original_affine)
-    image.header.set_xyzt_units("mm")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".nii.gz")
-    os.close(fd)
-    try:
-        nib.save(image, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def save_heatmap_png(heatmap: np.ndarray, path: Path) -> None:
     """Save a 2D heatmap as a 16-bit PNG of ``round(error * PNG_SCALE)`` (the scale is in the PNG's text)."""
     values = np.clip(np.rint(heatmap * PNG_SCALE), 0, 65535).astype(np.uint16)
     info = PngImagePlugin.PngInfo()
     info.add_text("scale", str(PNG_SCALE))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        Image.fromarray(values).save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    io.write_atomic(path, lambda handle: Image.fromarray(values).save(handle, format="PNG", pnginfo=info))
 
 
 def slice_labels(seg: torch.Tensor, min_lesion_voxels: int) -> list[int | str]:
@@ -120,11 +87,20 @@ class AnomalyScoreWriter:
         output_dir: where results go (created).
         min_lesion_voxels: slice label rule for volumes with a lesion mask (as in training).
         write_heatmaps: False skips heatmap files (scores only).
+        overlay_slices: for each volume, a picture of its this-many highest-scoring slices with the heatmap
+            overlaid (``overlays/<case_id>_top_slices.png``); for 2D images one overlay each. 0 disables.
     """
 
-    def __init__(self, output_dir: str | os.PathLike, min_lesion_voxels: int = 20, write_heatmaps: bool = True) -> None:
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        min_lesion_voxels: int = 20,
+        write_heatmaps: bool = True,
+        overlay_slices: int = 3,
+    ) -> None:
         self.output_dir = Path(output_dir)
         self.min_lesion_voxels, self.write_heatmaps = min_lesion_voxels, write_heatmaps
+        self.overlay_slices = overlay_slices
         self.case_rows: list[list[Any]] = []
         self.slice_rows: list[list[Any]] = []
         self.error_rows: list[list[Any]] = []
@@ -166,7 +142,10 @@ class AnomalyScoreWriter:
             meta = out["image_meta_dict"]
             affine = np.asarray(meta["original_affine"][0], dtype=np.float64)
             heatmap = scores.heatmap[0, 0].float().cpu().numpy()
-            save_heatmap_nifti(heatmap, affine, self.output_dir / "heatmaps" / f"{case_id}_heatmap.nii.gz")
+            path = self.output_dir / "heatmaps" / f"{case_id}_heatmap.nii.gz"
+            io.save_nifti_atomic(to_original_grid(heatmap, affine).astype(np.float32), affine, path)
+        if self.overlay_slices:
+            self._overlay_volume(case_id, slices, scores, seg)
 
     def _collect_images(self, out: dict[str, Any], scores: AnomalyScores) -> None:
         images = out["image"].cpu()
@@ -178,8 +157,25 @@ class AnomalyScoreWriter:
             self.case_rows.append([case_id, score, label])
             values = [float(trivial["trivial_intensity"][i]), 0.0, float(trivial["trivial_darkness"][i])]
             self.slice_rows.append([case_id, 0, score, *values, label])
+            heat = scores.heatmap[i, 0].float().cpu().numpy()
             if self.write_heatmaps:
-                save_heatmap_png(scores.heatmap[i, 0].float().cpu().numpy(), self.output_dir / "heatmaps" / f"{case_id}_heatmap.png")
+                save_heatmap_png(heat, self.output_dir / "heatmaps" / f"{case_id}_heatmap.png")
+            if self.overlay_slices:
+                seg = out.get("seg")
+                mask = None if seg is None else seg[i, 0].cpu().numpy()
+                overlay_figure([images[i].numpy()], [heat], [f"{case_id}  score {score:.4g}"],
+                               self.output_dir / "overlays" / f"{case_id}_overlay.png", [mask], transpose=False)
+
+    def _overlay_volume(self, case_id: str, slices: torch.Tensor, scores: AnomalyScores, seg: Any) -> None:
+        """Picture of the volume's highest-scoring slices, heatmap overlaid, lesion contour when known."""
+        ranked = torch.argsort(torch.nan_to_num(scores.slice_scores.cpu(), nan=-float("inf")), descending=True)
+        top = ranked[: min(self.overlay_slices, int(scores.slice_valid.sum()))].tolist()
+        heat = scores.heatmap[0, 0].float().cpu()
+        masks = [None if seg is None else seg[0, 0, ..., i].cpu().numpy() for i in top]
+        titles = [f"slice {i}  score {float(scores.slice_scores[i]):.4g}" for i in top]
+        overlay_figure([slices[i].numpy() for i in top], [heat[..., i].numpy() for i in top], titles,
+                       self.output_dir / "overlays" / f"{case_id}_top_slices.png", masks,
+                       heat_max=float(heat.max()) or None)
 
     def _write(self, engine: Engine) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)

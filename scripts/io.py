@@ -107,7 +107,7 @@ def save_nifti_atomic(array: np.ndarray, affine: np.ndarray, path: str | os.Path
     payload = image.to_bytes()
     if str(path).lower().endswith(".gz"):
         payload = gzip.compress(payload, compresslevel=6, mtime=0)
-    _write_atomic(Path(path), lambda handle: handle.write(payload))
+    write_atomic(Path(path), lambda handle: handle.write(payload))
 
 
 def save_png_atomic(array_uint8: np.ndarray, path: str | os.PathLike) -> None:
@@ -124,13 +124,13 @@ def save_png_atomic(array_uint8: np.ndarray, path: str | os.PathLike) -> None:
     if array.ndim not in (2, 3):
         raise ValueError(f"{path}: cannot write an array of shape {array.shape} as PNG")
     picture = Image.fromarray(np.ascontiguousarray(array))
-    _write_atomic(Path(path), lambda handle: picture.save(handle, format="PNG"))
+    write_atomic(Path(path), lambda handle: picture.save(handle, format="PNG"))
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
 
 
-def _write_atomic(path: Path, write) -> None:
+def write_atomic(path: Path, write) -> None:
     """Run ``write(handle)`` on a temp file beside ``path``, then move it into place in one step."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

@@ -194,6 +194,15 @@ def _symmetric(K: torch.Tensor) -> torch.Tensor:
     return 0.5 * (K + K.mT)
 
 
+def _robust_solve(matrix: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """LU solve (deterministic, so backward is reentrant); least squares if ``matrix`` is singular, as when
+    duplicate points make ``K_FF`` rank deficient."""
+    sol, info = torch.linalg.solve_ex(matrix, rhs)
+    if int(info) == 0 and bool(torch.isfinite(sol).all()):
+        return sol
+    return torch.linalg.lstsq(matrix, rhs.unsqueeze(1), driver="gelsd").solution.squeeze(1)
+
+
 class _OCSVMDual(torch.autograd.Function):
     """``alpha(K)`` with the gradient from implicit differentiation of the KKT conditions on the active set.
 
@@ -221,7 +230,7 @@ class _OCSVMDual(torch.autograd.Function):
             ones = torch.ones(n_free, 1, dtype=K64.dtype, device=K64.device)
             system_T = torch.cat([torch.cat([K64[free][:, free], ones], 1), torch.cat([-ones.T, ones.new_zeros(1, 1)], 1)])
             rhs = torch.cat([grad_alpha.double()[free], grad_alpha.new_zeros(1, dtype=K64.dtype)])
-            w = torch.linalg.lstsq(system_T, rhs.unsqueeze(1)).solution.squeeze(1)[:n_free]
+            w = _robust_solve(system_T, rhs)[:n_free]
             grad_K[free] = -torch.outer(w, alpha)
         return _symmetric(grad_K).to(grad_alpha.dtype), None, None, None
 

@@ -1,0 +1,114 @@
+"""Normalisation, slicing with labels, box masking, the slice cache, and slice labels on the real BraTS cases."""
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from scripts.data import build_slice_records
+from scripts.transforms import BrainPercentileNormalized, LoadCased, RandBoxMaskd, VolumeToSlicesd
+
+
+def write_case(folder, shape=(24, 20, 10), lesion_slices=(4, 5), lesion_voxels=(30, 5), affine=None, background=-2.5):
+    """A z-scored-looking volume (negative values, constant background) and its lesion mask."""
+    rng = np.random.default_rng(0)
+    image = np.full(shape, background, dtype=np.float32)
+    image[2:-2, 2:-2, 1:-1] = rng.normal(0, 1, (shape[0] - 4, shape[1] - 4, shape[2] - 2))
+    seg = np.zeros(shape, dtype=np.uint8)
+    for z, n in zip(lesion_slices, lesion_voxels):
+        seg[5:5 + n // 5, 5:10, z] = 2
+        image[5:5 + n // 5, 5:10, z] = 6.0
+    affine = np.eye(4) if affine is None else affine
+    nib.save(nib.Nifti1Image(image, affine), folder / "case_flair.nii.gz")
+    nib.save(nib.Nifti1Image(seg, affine), folder / "case_seg.nii.gz")
+    return {"case_id": "case", "image": str(folder / "case_flair.nii.gz"), "seg": str(folder / "case_seg.nii.gz")}
+
+
+def test_normalisation_handles_negative_z_scores_and_keeps_the_brain_positive(tmp_path):
+    item = write_case(tmp_path)
+    data = BrainPercentileNormalized("image")(LoadCased()(item))
+    image = data["image"]
+    assert image[0, 0, 0, 0] == 0.0  # background
+    brain = image[:, 2:-2, 2:-2, 1:-1]
+    assert brain.min() > 0  # the brain stays recoverable as image > 0
+    assert np.percentile(brain, 99.5) == pytest.approx(1.0, abs=1e-3)
+    assert np.percentile(brain, 0.5) == pytest.approx(0.0, abs=2e-3)
+
+
+def test_slices_are_labelled_from_the_segmentation(tmp_path):
+    item = write_case(tmp_path, lesion_slices=(4, 6), lesion_voxels=(30, 5))
+    data = VolumeToSlicesd(image_size=16, min_brain_fraction=0.1, min_lesion_voxels=20)(
+        BrainPercentileNormalized("image")(LoadCased()(item))
+    )
+    index = data["slice_index"].tolist()
+    labels = dict(zip(index, data["label"].tolist()))
+    assert 0 not in index and 9 not in index  # empty end slices are dropped
+    assert labels[4] == 1  # 30 lesion voxels
+    assert 6 not in labels  # 5 voxels: ambiguous, dropped
+    assert all(labels[z] == 0 for z in index if z not in (4, 6))
+    assert data["image"].shape == (len(index), 1, 16, 16)
+    assert data["seg"].shape == (len(index), 1, 16, 16)
+
+
+def test_volumes_are_reoriented_to_ras_and_keep_their_original_affine(tmp_path):
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0])
+    item = write_case(tmp_path, affine=lps)
+    data = LoadCased()(item)
+    np.testing.assert_allclose(data["image_meta_dict"]["original_affine"], lps)
+    assert nib.aff2axcodes(data["image_meta_dict"]["affine"]) == ("R", "A", "S")
+    raw = nib.load(item["image"]).get_fdata()
+    np.testing.assert_allclose(data["image"][0], raw[::-1, ::-1, :])
+    np.testing.assert_array_equal(data["seg"][0], nib.load(item["seg"]).get_fdata()[::-1, ::-1, :])
+
+
+def test_box_masking_blacks_out_boxes_and_returns_the_mask():
+    transform = RandBoxMaskd(num_boxes=(2, 2), box_size=(4, 6))
+    transform.set_random_state(seed=0)
+    image = torch.rand(1, 32, 32) + 0.5
+    out = transform({"image": image})
+    mask = out["box_mask"].bool()
+    assert mask.any() and not mask.all()
+    assert torch.all(out["masked"][mask.expand_as(image)] == 0)
+    assert torch.equal(out["masked"][~mask.expand_as(image)], image[~mask.expand_as(image)])
+    assert torch.equal(out["image"], image)
+
+
+def test_box_masking_is_reproducible_with_a_seed():
+    image = torch.rand(1, 32, 32)
+    a, b = RandBoxMaskd(), RandBoxMaskd()
+    a.set_random_state(seed=7)
+    b.set_random_state(seed=7)
+    assert torch.equal(a({"image": image})["box_mask"], b({"image": image})["box_mask"])
+
+
+def test_slice_cache_writes_and_reuses_npz(tmp_path):
+    item = write_case(tmp_path)
+    cache = tmp_path / "cache"
+    first = build_slice_records([item], image_size=16, cache_dir=cache, labels=[0])
+    files = list(cache.glob("*.npz"))
+    assert len(files) == 1 and first
+    assert all(r["label"] == 0 for r in first)
+    again = build_slice_records([item], image_size=16, cache_dir=cache, labels=[0])
+    assert [r["slice_index"] for r in again] == [r["slice_index"] for r in first]
+    np.testing.assert_allclose(again[0]["image"], first[0]["image"])
+
+
+def test_slice_cache_skips_a_bad_case_and_keeps_the_others(tmp_path, caplog):
+    good = write_case(tmp_path)
+    bad = {"case_id": "bad", "image": str(tmp_path / "missing_flair.nii.gz")}
+    records = build_slice_records([bad, good], image_size=16)
+    assert {r["case_id"] for r in records} == {"case"}
+    assert "missing_flair.nii.gz" in caplog.text
+
+
+def test_real_brats_slice_labels_match_the_segmentation(shared_data):
+    case = shared_data / "brats2013" / "BraTS13_pat0003"
+    item = {"case_id": case.name, "image": str(case / f"{case.name}_flair.nii.gz"),
+            "seg": str(case / f"{case.name}_seg.nii.gz")}
+    data = VolumeToSlicesd(image_size=64, min_lesion_voxels=20)(BrainPercentileNormalized("image")(LoadCased()(item)))
+    seg = nib.as_closest_canonical(nib.load(item["seg"])).get_fdata() > 0
+    lesion = seg.reshape(-1, seg.shape[2]).sum(0)
+    for z, label in zip(data["slice_index"].tolist(), data["label"].tolist()):
+        assert label == (1 if lesion[z] >= 20 else 0) and not 0 < lesion[z] < 20
+    labels = data["label"].tolist()
+    assert labels.count(1) > 50 and labels.count(0) > 30
