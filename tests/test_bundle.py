@@ -24,7 +24,8 @@ TINY = [
 
 def bundle(run_id: str, config: str, *args: str) -> subprocess.CompletedProcess:
     """``python -m monai.bundle run`` from the bundle root, as a user types it."""
-    cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", f"configs/{config}", *TINY, *args]
+    config_file = config if config.startswith("[") else f"configs/{config}"
+    cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", config_file, *TINY, *args]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
@@ -116,3 +117,41 @@ def test_inference_scores_a_single_unlabelled_file(trained, tmp_path):
     rows = read_csv(out / "scores.csv")
     assert len(rows) == 1 and rows[0]["label"] == ""
     assert (out / "heatmaps" / f"{rows[0]['case_id']}_heatmap.nii.gz").exists()
+
+
+def write_skin_folder(folder: Path, n: int = 12) -> None:
+    """Tiny dermoscopy-like RGB pictures: textured skin, dark lesions in the 'malignant' half, masks and a CSV."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    (folder / "images").mkdir(parents=True)
+    (folder / "masks").mkdir()
+    rows = ["image_id,label"]
+    for i in range(n):
+        skin = np.clip(0.75 + 0.05 * rng.standard_normal((40, 48, 3)), 0, 1)
+        mask = np.zeros((40, 48), dtype=np.uint8)
+        if i % 2:
+            mask[10:22, 12:26] = 255
+            skin[mask > 0] *= 0.3
+        Image.fromarray((skin * 255).astype(np.uint8)).save(folder / "images" / f"IMG_{i:03d}.png")
+        Image.fromarray(mask).save(folder / "masks" / f"IMG_{i:03d}_segmentation.png")
+        rows.append(f"IMG_{i:03d},{'malignant' if i % 2 else 'benign'}")
+    (folder / "labels.csv").write_text("\n".join(rows) + "\n")
+
+
+def test_two_dimensional_rgb_images_train_and_score(tmp_path):
+    write_skin_folder(tmp_path)
+    datalist = build_datalist(tmp_path / "images", labels_csv=tmp_path / "labels.csv", masks_dir=tmp_path / "masks",
+                              val_fraction=0.25, test_fraction=0.25, seed=0)
+    (tmp_path / "datalist.json").write_text(json.dumps(datalist))
+    common = ["--datalist", str(tmp_path / "datalist.json"), "--output_dir", str(tmp_path / "out")]
+    bundle("training", "['configs/train.json','configs/dermoscopy.json']", *common, "--ckpt_dir", str(tmp_path / "m"),
+           "--max_epochs", "1", "--val_interval", "1", "--discriminator_def#channels", "8")
+    bundle("run", "['configs/inference.json','configs/dermoscopy.json']", *common,
+           "--ckpt_path", str(tmp_path / "m" / "model.pt"))
+    rows = read_csv(tmp_path / "out" / "scores.csv")
+    assert {r["case_id"] for r in rows} == {item["case_id"] for item in datalist["testing"]}
+    assert {r["label"] for r in rows} <= {"0", "1"}
+    for r in rows:
+        assert (tmp_path / "out" / "heatmaps" / f"{r['case_id']}_heatmap.png").exists()
+        assert (tmp_path / "out" / "overlays" / f"{r['case_id']}_overlay.png").exists()
