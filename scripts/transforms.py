@@ -135,7 +135,8 @@ class VolumeToSlicesd(MapTransform):
 
     Keeps slices whose brain area is at least ``min_brain_fraction`` of the case's largest, labels each from
     the lesion mask (0: no lesion voxel, 1: at least ``min_lesion_voxels``, in-between dropped as ambiguous;
-    -1 without a mask unless the item carries an image-level ``label``), and resizes to ``image_size``.
+    -1 without a mask unless the item carries a case-level ``label``; a 2D image always takes its item's
+    ``label``, its mask only localising), and resizes to ``image_size``.
     Output keys hold stacks: ``image (N, C, S, S)``, ``brain``/``seg (N, 1, S, S)``, ``slice_index``, ``label``.
     """
 
@@ -158,7 +159,9 @@ class VolumeToSlicesd(MapTransform):
         slices = image.unsqueeze(0) if image.ndim == 3 else image.permute(3, 0, 1, 2)
         segs = None if seg is None else self._stack(torch.as_tensor(np.asarray(seg)))
         keep = select_slices(slice_foreground(slices).flatten(1).sum(1), self.min_brain_fraction)
-        labels = self._labels(segs, d.get("label"), len(slices))
+        # a 2D picture's class (benign/malignant) is its label; its lesion mask only localises (a benign nevus is
+        # a lesion too). A volume's slices are labelled from its segmentation.
+        labels = self._labels(None if image.ndim == 3 else segs, d.get("label"), len(slices))
         keep &= labels != -2
         index = torch.nonzero(keep).flatten()
         d[self.image_key] = resize_slices(slices[index], self.image_size)

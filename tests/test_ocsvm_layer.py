@@ -95,7 +95,10 @@ def test_dual_matches_sklearn_rbf_and_scaling() -> None:
     assert float(alpha.max()) <= box_bound(45, nu)
 
 
-@pytest.mark.parametrize(("seed", "n", "d", "nu"), [(0, 8, 2, 0.2), (1, 64, 8, 0.03), (2, 128, 16, 0.03), (3, 128, 4, 0.5)])
+KKT_CASES = [(0, 8, 2, 0.2), (1, 64, 8, 0.03), (2, 128, 16, 0.03), (3, 128, 4, 0.5)]
+
+
+@pytest.mark.parametrize(("seed", "n", "d", "nu"), KKT_CASES)
 def test_kkt_residual_is_tiny(seed: int, n: int, d: int, nu: float) -> None:
     x, _ = _points(seed, n, d)
     K = rbf_kernel(x, x, 1.0 / d)

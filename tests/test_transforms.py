@@ -112,3 +112,18 @@ def test_real_brats_slice_labels_match_the_segmentation(shared_data):
         assert label == (1 if lesion[z] >= 20 else 0) and not 0 < lesion[z] < 20
     labels = data["label"].tolist()
     assert labels.count(1) > 50 and labels.count(0) > 30
+
+
+def test_a_benign_picture_with_a_lesion_mask_stays_normal(tmp_path):
+    from PIL import Image
+
+    skin = np.random.default_rng(0).integers(150, 200, (20, 24, 3), dtype=np.uint8)
+    Image.fromarray(skin).save(tmp_path / "nevus.png")
+    mask = np.zeros((20, 24), dtype=np.uint8)
+    mask[5:15, 5:15] = 255
+    Image.fromarray(mask).save(tmp_path / "nevus_segmentation.png")
+    item = {"case_id": "nevus", "image": str(tmp_path / "nevus.png"), "seg": str(tmp_path / "nevus_segmentation.png"),
+            "label": 0}
+    data = VolumeToSlicesd(image_size=16)(LoadCased()(item))
+    assert data["label"].tolist() == [0]
+    assert data["image"].shape == (1, 3, 16, 16) and data["seg"].sum() > 0

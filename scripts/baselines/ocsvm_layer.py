@@ -105,6 +105,12 @@ def _kkt_gap(alpha: torch.Tensor, grad: torch.Tensor, upper: float) -> float:
     return float(low.max() - up.min())
 
 
+def _violation(K: torch.Tensor, alpha: torch.Tensor, upper: float) -> float:
+    """Largest violation of the optimality conditions: KKT gap (clipped at 0), ``|sum a - 1|`` and the box."""
+    box = max(float((-alpha).max()), float((alpha - upper).max()), 0.0)
+    return max(_kkt_gap(alpha, K @ alpha, upper), abs(float(alpha.sum()) - 1.0), box)
+
+
 def _smo(K: torch.Tensor, alpha: torch.Tensor, grad: torch.Tensor, upper: float, tol: float, max_iter: int) -> int:
     """Sequential minimal optimisation with second-order working-set selection (Fan, Chen and Lin, 2005).
 
@@ -133,6 +139,12 @@ def _smo(K: torch.Tensor, alpha: torch.Tensor, grad: torch.Tensor, upper: float,
     return max_iter
 
 
+def _kkt_matrix(K_free: torch.Tensor) -> torch.Tensor:
+    """``M = [[K_FF, -1], [1^T, 0]]``, the linear KKT system of the free variables and rho."""
+    ones = torch.ones(K_free.shape[0], 1, dtype=K_free.dtype, device=K_free.device)
+    return torch.cat([torch.cat([K_free, -ones], 1), torch.cat([ones.mT, ones.new_zeros(1, 1)], 1)])
+
+
 def _polish(K: torch.Tensor, alpha: torch.Tensor, upper: float) -> torch.Tensor | None:
     """Exact solution for the active set of ``alpha``: bounded variables kept, the free ones from the KKT system
 
@@ -146,14 +158,12 @@ def _polish(K: torch.Tensor, alpha: torch.Tensor, upper: float) -> torch.Tensor 
     if n_free == 0:
         return alpha.clone()
     fixed = alpha.masked_fill(free, 0.0)
-    ones = torch.ones(n_free, 1, dtype=K.dtype, device=K.device)
-    system = torch.cat([torch.cat([K[free][:, free], -ones], 1), torch.cat([ones.T, ones.new_zeros(1, 1)], 1)])
     rhs = torch.cat([-(K[free] @ fixed), (1.0 - fixed.sum()).reshape(1)])
-    sol, info = torch.linalg.solve_ex(system, rhs)
+    sol, info = torch.linalg.solve_ex(_kkt_matrix(K[free][:, free]), rhs)
     a_free = sol[:n_free]
     if int(info) != 0 or not bool(torch.isfinite(sol).all()):
         return None
-    slack = 1e-9 * upper
+    slack = 1e-12 * upper  # only round-off may be clipped, so that the clipping keeps sum a = 1
     if bool((a_free < -slack).any()) or bool((a_free > upper + slack).any()):
         return None
     out = fixed.clone()
@@ -175,7 +185,7 @@ def _solve_dual_exact(K: torch.Tensor, nu: float, tol: float, max_iter: int) -> 
     for stage_tol in (*_STAGES, tol):
         used += _smo(K, alpha, grad, upper, stage_tol * scale, max_iter - used)
         polished = _polish(K, alpha, upper)
-        if polished is not None and _kkt_gap(polished, K @ polished, upper) <= tol * scale:
+        if polished is not None and _violation(K, polished, upper) <= tol * scale:
             return polished
         grad = K @ alpha  # drop the drift of the incremental updates before the next stage
         if used >= max_iter:
@@ -227,10 +237,8 @@ class _OCSVMDual(torch.autograd.Function):
         n_free = int(free.sum())
         grad_K = torch.zeros_like(K64)
         if n_free > 0:
-            ones = torch.ones(n_free, 1, dtype=K64.dtype, device=K64.device)
-            system_T = torch.cat([torch.cat([K64[free][:, free], ones], 1), torch.cat([-ones.T, ones.new_zeros(1, 1)], 1)])
             rhs = torch.cat([grad_alpha.double()[free], grad_alpha.new_zeros(1, dtype=K64.dtype)])
-            w = _robust_solve(system_T, rhs)[:n_free]
+            w = _robust_solve(_kkt_matrix(K64[free][:, free]).mT, rhs)[:n_free]
             grad_K[free] = -torch.outer(w, alpha)
         return _symmetric(grad_K).to(grad_alpha.dtype), None, None, None
 
@@ -280,10 +288,7 @@ def sklearn_decision(K_test_train: torch.Tensor, alpha: torch.Tensor, rho: torch
 def kkt_residual(K: torch.Tensor, alpha: torch.Tensor, nu: float) -> float:
     """Largest violation of the dual's optimality conditions: the KKT gap (see ``_kkt_gap``, clipped at 0), the
     equality ``sum a = 1`` and the box, all in the module's scaling."""
-    K64, a64 = _symmetric(K.detach().double()), alpha.detach().double()
-    upper = box_bound(K.shape[0], nu)
-    box = max(float((-a64).max()), float((a64 - upper).max()), 0.0)
-    return max(_kkt_gap(a64, K64 @ a64, upper), 0.0, abs(float(a64.sum()) - 1.0), box)
+    return _violation(_symmetric(K.detach().double()), alpha.detach().double(), box_bound(K.shape[0], nu))
 
 
 # ------------------------------------------------------------------------------------------------- loss
@@ -314,7 +319,9 @@ class OCSVMGuidedLoss(nn.Module):
     it by inflating or shrinking the latent space, only by reshaping it. ``gamma`` carries no gradient.
     """
 
-    def __init__(self, nu: float = 0.03, weight: float = 0.1, gamma: GammaSpec = "scale", detach_stats: bool = False) -> None:
+    def __init__(
+        self, nu: float = 0.03, weight: float = 0.1, gamma: GammaSpec = "scale", detach_stats: bool = False
+    ) -> None:
         super().__init__()
         box_bound(1, nu)  # validates nu
         self.nu, self.weight, self.gamma, self.detach_stats = float(nu), float(weight), gamma, detach_stats
