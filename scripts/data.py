@@ -141,21 +141,23 @@ class SafeCaseDataset(MonaiDataset):
             return {"case_id": str(item.get("case_id", index)), "error": _root_message(error)}
 
 
-def inference_items(source: str | os.PathLike, split: str = "testing") -> list[dict[str, Any]]:
+def inference_items(
+    source: str | os.PathLike, split: str = "testing", base_dir: str | os.PathLike | None = None
+) -> list[dict[str, Any]]:
     """The cases to score: a datalist JSON's ``split``, every case of a dataset folder, or one image file.
 
-    Labels are optional: a folder of unlabelled volumes or a single file is scored all the same.
+    Labels are optional: a folder of unlabelled volumes or a single file is scored all the same. ``base_dir``
+    resolves a datalist's relative paths when its data has moved.
     """
     path = Path(source)
     if path.suffix == ".json":
-        return load_datalist(path, split)
+        return load_datalist(path, split, base_dir)
     if path.is_dir():
-        datalist = build_datalist(path, val_fraction=0.0, test_fraction=0.0)
-        return load_datalist_dict(datalist, split=None)
+        return load_datalist_dict(build_datalist(path, val_fraction=0.0, test_fraction=0.0), split=None)
     if not path.exists():
         raise InputError(f"{path}: no such file or folder to score")
     name = path.name
-    for suffix in (".nii.gz", *path.suffixes[-1:]):
+    for suffix in (".nii.gz", path.suffix):
         name = name.removesuffix(suffix)
     return [{"case_id": name, "image": str(path.resolve())}]
 

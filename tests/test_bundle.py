@@ -61,6 +61,19 @@ def test_training_writes_best_and_final_checkpoints(trained):
     assert (root / "train" / "slice_cache").is_dir() and any((root / "train" / "slice_cache").iterdir())
 
 
+def test_a_fixed_seed_gives_a_reproducible_run(trained, tmp_path):
+    root, _ = trained
+    args = ["--datalist", str(root / "datalist.json"), "--output_dir", str(tmp_path / "train"),
+            "--ckpt_dir", str(tmp_path), "--max_epochs", "2", "--val_interval", "1",
+            "--discriminator_def#channels", "8"]
+    bundle("training", "train.json", *args)
+    first = torch.load(root / "models" / "checkpoint_final.pt", map_location="cpu")
+    second = torch.load(tmp_path / "checkpoint_final.pt", map_location="cpu")
+    for key in ("network", "discriminator"):
+        for name, value in first[key].items():
+            torch.testing.assert_close(second[key][name], value, rtol=0, atol=0)
+
+
 def test_training_resumes_from_the_final_checkpoint(trained, tmp_path):
     root, _ = trained
     args = ["--datalist", str(root / "datalist.json"), "--output_dir", str(root / "train"),
