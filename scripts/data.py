@@ -23,6 +23,7 @@ from monai.transforms import Compose
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from scripts.checks import require_bool
 from scripts.datalist import build_datalist, load_datalist, load_datalist_dict
 from scripts.io import InputError
 from scripts.transforms import BrainPercentileNormalized, LoadCased, VolumeToSlicesd
@@ -92,6 +93,7 @@ def build_slice_records(
     labels: Sequence[int] | None = None,
 ) -> list[dict[str, Any]]:
     """Slice records (see docs/architecture.md) of every readable case, optionally only some ``labels``."""
+    require_bool("normalize", normalize)
     params = {"image_size": image_size, "min_brain_fraction": min_brain_fraction,
               "min_lesion_voxels": min_lesion_voxels, "normalize": normalize, "version": 1}
     cache = Path(cache_dir) if cache_dir else None

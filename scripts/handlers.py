@@ -21,6 +21,7 @@ from ignite.engine import Engine, Events
 from PIL import Image, PngImagePlugin
 
 from scripts import io
+from scripts.checks import require_bool
 from scripts.inferer import AnomalyScores
 from scripts.visualize import overlay_figure
 
@@ -99,7 +100,8 @@ class AnomalyScoreWriter:
         overlay_slices: int = 3,
     ) -> None:
         self.output_dir = Path(output_dir)
-        self.min_lesion_voxels, self.write_heatmaps = min_lesion_voxels, write_heatmaps
+        self.min_lesion_voxels = min_lesion_voxels
+        self.write_heatmaps = require_bool("write_heatmaps", write_heatmaps)
         self.overlay_slices = overlay_slices
         self.case_rows: list[list[Any]] = []
         self.slice_rows: list[list[Any]] = []

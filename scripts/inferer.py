@@ -16,10 +16,21 @@ import torch
 import torch.nn.functional as F
 from monai.inferers import Inferer
 
-from scripts.scoring import aggregate_slices, checkerboard_masks, patch_grid, pixel_errors, ranking_score
+from scripts.checks import require_bool
+from scripts.scoring import (
+    aggregate_slices,
+    checkerboard_masks,
+    critic_map,
+    patch_grid,
+    pixel_errors,
+    ranking_score,
+    ssim_error_map,
+    standardise,
+)
 from scripts.transforms import resize_slices, select_slices, slice_foreground
 
 TEST_INPUTS = ("inpaint", "image")
+SCORE_MAPS = ("squared", "ssim", "critic")
 
 
 @dataclass
@@ -57,6 +68,13 @@ class PatchRankingInferer(Inferer):
         volume_aggregation, top_k_slices: how slice scores become a volume score (``aggregate_slices``).
         slice_batch_size: slices per network call.
         amp: bf16 autocast on CUDA.
+        score_maps: which per-pixel anomaly maps make the patch errors: ``squared`` reconstruction error (the
+            paper), ``ssim`` (1 - SSIM), ``critic`` (the PatchGAN critic's ``-logit`` on the input, needs
+            ``critic``). Several maps are standardised with ``normal_stats`` and averaged.
+        critic: the trained PatchGAN discriminator, for the ``critic`` map.
+        normal_stats: per-pixel mean and std of each map on normal validation slices (a dict, or the path of the
+            ``.pt`` file written by ``scripts.calibration``); when given, every map becomes a z-map: how unusual the
+            error is for that place on normal data.
     """
 
     def __init__(
@@ -73,8 +91,18 @@ class PatchRankingInferer(Inferer):
         top_k_slices: int = 3,
         slice_batch_size: int = 32,
         amp: bool = False,
+        score_maps: Sequence[str] = ("squared",),
+        critic: torch.nn.Module | None = None,
+        normal_stats: str | dict | None = None,
     ) -> None:
         super().__init__()
+        unknown = set(score_maps) - set(SCORE_MAPS)
+        if unknown or not score_maps:
+            raise ValueError(f"unknown score_maps {sorted(unknown)}: choose from {SCORE_MAPS}")
+        if "critic" in score_maps and critic is None:
+            raise ValueError("score_maps 'critic' needs the trained discriminator as `critic`")
+        if len(score_maps) > 1 and not normal_stats:
+            raise ValueError("combining several score_maps needs normal_stats to put them on one scale")
         if test_input not in TEST_INPUTS:
             raise ValueError(f"unknown test_input {test_input!r}: use one of {TEST_INPUTS}")
         if foreground not in ("nonzero", "all"):
@@ -82,11 +110,13 @@ class PatchRankingInferer(Inferer):
         if image_size % patch_size:
             raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
         self.image_size, self.patch_size = image_size, patch_size
-        self.weights = tuple(ranking_weights) if ranking else None
+        self.weights = tuple(ranking_weights) if require_bool("ranking", ranking) else None
         self.test_input, self.inpaint_stride = test_input, inpaint_stride
         self.min_brain_fraction, self.foreground = min_brain_fraction, foreground
         self.volume_aggregation, self.top_k_slices = volume_aggregation, top_k_slices
         self.slice_batch_size, self.amp = slice_batch_size, amp
+        self.score_maps, self.critic = tuple(score_maps), critic
+        self.normal_stats = torch.load(normal_stats, map_location="cpu") if isinstance(normal_stats, str) else normal_stats
 
     def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The anomaly heatmap of ``inputs``, same layout and spatial size (what MONAI Label shows as ``pred``)."""
@@ -104,8 +134,7 @@ class PatchRankingInferer(Inferer):
         valid = select_slices(region.flatten(1).sum(1), self.min_brain_fraction if is_volume else 0.0)
         resized = resize_slices(slices[valid], self.image_size)
         recon = self.reconstruct(resized, network)
-        small_region = self._region(resized)
-        grid = patch_grid(pixel_errors(resized, recon, small_region), self.patch_size)
+        grid = patch_grid(self.anomaly_map(resized, recon), self.patch_size)
         scores = torch.full((len(slices),), float("nan"), device=slices.device)
         scores[valid] = ranking_score(grid, self.weights).to(scores.dtype)
         heat = torch.zeros((len(slices), 1, *slices.shape[-2:]), device=slices.device)
@@ -114,6 +143,31 @@ class PatchRankingInferer(Inferer):
         heatmap = heat.permute(1, 2, 3, 0).unsqueeze(0) if is_volume else heat
         case = aggregate_slices(scores[valid], self.volume_aggregation, self.top_k_slices).view(1) if is_volume else scores
         return AnomalyScores(heatmap, scores, valid, grid, recon, resized, case)
+
+    def raw_maps(
+        self, images: torch.Tensor, recon: torch.Tensor, names: Sequence[str] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Per-pixel maps ``(N, 1, S, S)`` of resized slices and their reconstruction (default: ``score_maps``)."""
+        region = self._region(images)
+        maps = {}
+        for name in names or self.score_maps:
+            if name == "squared":
+                maps[name] = pixel_errors(images, recon, region)
+            elif name == "ssim":
+                maps[name] = ssim_error_map(images, recon, region)
+            else:
+                logits = self._run(images, self.critic.to(images.device).eval())
+                maps[name] = critic_map(logits, tuple(images.shape[-2:]), region)
+        return maps
+
+    def anomaly_map(self, images: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+        """The per-pixel anomaly map: the raw map, or the mean of the z-maps when ``normal_stats`` is set."""
+        maps = self.raw_maps(images, recon)
+        if not self.normal_stats:
+            return next(iter(maps.values()))
+        region = self._region(images).float()
+        z = [standardise(m, self.normal_stats[k]["mean"], self.normal_stats[k]["std"]) for k, m in maps.items()]
+        return torch.stack(z).mean(0) * region
 
     def reconstruct(self, images: torch.Tensor, network: torch.nn.Module) -> torch.Tensor:
         """Reconstruction of each image: one unmasked pass, or the composite of the in-painting passes."""

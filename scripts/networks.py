@@ -13,6 +13,8 @@ import torch
 from monai.networks.nets import AutoEncoder, PatchDiscriminator, UNet
 from torch import nn
 
+from scripts.checks import require_bool
+
 
 def reconstructor(
     in_channels: int = 1,
@@ -25,7 +27,7 @@ def reconstructor(
     """The mask reconstructor R: image (masked or not) -> reconstruction with the same shape."""
     if len(strides) != len(channels) - 1:
         raise ValueError(f"need one stride per down-sampling step: {len(channels)} channels, {len(strides)} strides")
-    if skip_connections:
+    if require_bool("skip_connections", skip_connections):
         return UNet(
             spatial_dims=2,
             in_channels=in_channels,

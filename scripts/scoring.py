@@ -73,3 +73,32 @@ def checkerboard_masks(image_size: int, patch_size: int, stride: int = 2) -> tor
     cols = torch.arange(cells).view(1, -1) % stride
     grids = torch.stack([((rows == a) & (cols == b)).float() for a in range(stride) for b in range(stride)])
     return grid_to_heatmap(grids, patch_size)
+
+
+def ssim_error_map(image: torch.Tensor, recon: torch.Tensor, region: torch.Tensor | None = None, kernel: int = 7) -> torch.Tensor:
+    """Structural error ``1 - SSIM`` per pixel (MONAI's SSIM, Gaussian window), averaged over channels.
+
+    Unlike squared error it does not grow with the local intensity variance alone, so textured normal tissue
+    (skin, hair) is not ranked above a smooth lesion just for being busy. Padded back to full size.
+    """
+    from monai.metrics.regression import compute_ssim_and_cs
+
+    ssim, _ = compute_ssim_and_cs(
+        recon.float(), image.float(), spatial_dims=2, kernel_size=(kernel, kernel), kernel_sigma=(1.5, 1.5),
+        data_range=max(float(image.max() - image.min()), 1e-6),
+    )
+    pad = kernel // 2
+    err = F.pad(1 - ssim.mean(dim=1, keepdim=True), (pad, pad, pad, pad), mode="replicate")
+    return err if region is None else err * region.float()
+
+
+def critic_map(logits: torch.Tensor, size: tuple[int, int], region: torch.Tensor | None = None) -> torch.Tensor:
+    """The PatchGAN critic's judgement as a pixel map: ``-logit`` (less real = more anomalous), brought to
+    ``size`` bilinearly; ``(N, 1, h, w) -> (N, 1, H, W)``."""
+    out = F.interpolate(-logits.float(), size=size, mode="bilinear", align_corners=False)
+    return out if region is None else out * region.float()
+
+
+def standardise(error_map: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """How unusual each pixel's error is for that place on normal data: ``(e - mean) / std`` (a z-map)."""
+    return (error_map - mean.to(error_map)) / (std.to(error_map) + eps)

@@ -59,6 +59,8 @@ def test_training_writes_best_and_final_checkpoints(trained):
     final = torch.load(models / "checkpoint_final.pt", map_location="cpu")
     assert final["trainer"]["iteration"] == 2 * final["trainer"]["epoch_length"]
     assert (root / "train" / "slice_cache").is_dir() and any((root / "train" / "slice_cache").iterdir())
+    stats = torch.load(models / "normal_stats.pt", map_location="cpu")
+    assert set(stats) == {"squared", "ssim", "critic"} and stats["squared"]["mean"].shape == (1, 1, 32, 32)
 
 
 def test_a_fixed_seed_gives_a_reproducible_run(trained, tmp_path):
@@ -105,6 +107,17 @@ def test_inference_writes_scores_and_heatmaps_on_the_input_grid(trained, tmp_pat
     assert read_csv(out / "errors.csv") == []
 
 
+def test_critic_and_normal_statistics_scoring_runs_through_the_same_workflow(trained, tmp_path):
+    root, datalist = trained
+    out = tmp_path / "z"
+    bundle("run", "inference.json", "--datalist", str(root / "datalist.json"), "--output_dir", str(out),
+           "--ckpt_path", str(root / "models" / "model.pt"), "--score_maps", "['squared', 'critic']",
+           "--normal_stats", str(root / "models" / "normal_stats.pt"), "--overlay_slices", "0",
+           "--discriminator_def#channels", "8")
+    rows = read_csv(out / "scores.csv")
+    assert len(rows) == len(datalist["testing"]) and all(np.isfinite(float(r["score"])) for r in rows)
+
+
 def test_one_corrupt_case_is_reported_and_the_others_are_scored(trained, tmp_path):
     root, datalist = trained
     data = tmp_path / "data"
@@ -113,7 +126,7 @@ def test_one_corrupt_case_is_reported_and_the_others_are_scored(trained, tmp_pat
     (data / bad["image"]).write_bytes(b"this is not a nifti file")
     out = tmp_path / "out"
     bundle("run", "inference.json", "--input_path", str(data), "--output_dir", str(out),
-           "--ckpt_path", str(root / "models" / "model.pt"), "--write_heatmaps", "false")
+           "--ckpt_path", str(root / "models" / "model.pt"), "--write_heatmaps", "False")
     errors = read_csv(out / "errors.csv")
     assert [e["case_id"] for e in errors] == [bad["case_id"]]
     assert Path(bad["image"]).name in errors[0]["error"]

@@ -83,3 +83,40 @@ def test_call_returns_the_heatmap_for_monai_label():
 def test_bad_options_are_rejected(kwargs):
     with pytest.raises(ValueError):
         PatchRankingInferer(**{"image_size": 32, "patch_size": 8, **kwargs})
+
+
+def test_combining_maps_needs_normal_statistics():
+    with pytest.raises(ValueError, match="normal_stats"):
+        PatchRankingInferer(image_size=32, patch_size=8, score_maps=("squared", "ssim"))
+    with pytest.raises(ValueError, match="critic"):
+        PatchRankingInferer(image_size=32, patch_size=8, score_maps=("critic",))
+
+
+def test_normal_statistics_turn_errors_into_z_maps():
+    from scripts.calibration import fit_normal_statistics
+
+    inferer = PatchRankingInferer(image_size=16, patch_size=4, test_input="image", foreground="all")
+    normal = [torch.full((4, 1, 16, 16), 0.5) + 0.1 * torch.randn(4, 1, 16, 16) for _ in range(3)]
+    stats = fit_normal_statistics(inferer, Constant(), normal, names=["squared", "ssim"])
+    assert stats["squared"]["mean"].shape == (1, 1, 16, 16)
+    assert torch.all(stats["squared"]["std"] > 0)
+    z_inferer = PatchRankingInferer(image_size=16, patch_size=4, test_input="image", foreground="all",
+                                    score_maps=("squared", "ssim"), normal_stats=stats)
+    bright = torch.full((1, 1, 16, 16), 0.5)
+    bright[..., 4:8, 4:8] = 2.0
+    scores = z_inferer.score(torch.cat([normal[0][:1], bright]), Constant())
+    assert scores.slice_scores[1] > scores.slice_scores[0]
+    assert scores.patch_errors[1].argmax().item() == 5  # the bright patch (row 1, column 1) tops the grid
+
+
+def test_the_critic_map_scores_what_the_discriminator_finds_unreal():
+    class BrightIsFake(torch.nn.Module):
+        def forward(self, x):
+            return -torch.nn.functional.avg_pool2d(x, 4)  # logit: brighter patches look less real
+
+    inferer = PatchRankingInferer(image_size=16, patch_size=4, test_input="image", foreground="all",
+                                  score_maps=("critic",), critic=BrightIsFake())
+    image = torch.full((1, 1, 16, 16), 0.1)
+    image[..., 8:12, 0:4] = 1.0
+    scores = inferer.score(image, Identity())
+    assert scores.patch_errors[0].argmax().item() == 8

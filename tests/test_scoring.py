@@ -91,3 +91,29 @@ def test_volume_aggregation(method, expected):
 def test_volume_aggregation_rejects_unknown_methods():
     with pytest.raises(ValueError, match="median"):
         aggregate_slices(torch.ones(3), "median")
+
+
+def test_ssim_error_is_zero_for_a_perfect_reconstruction_and_grows_with_structure_loss():
+    from scripts.scoring import ssim_error_map
+
+    image = torch.rand(2, 1, 24, 24)
+    assert ssim_error_map(image, image).abs().max().item() < 1e-4
+    blurred = torch.nn.functional.avg_pool2d(image, 3, stride=1, padding=1)
+    err = ssim_error_map(image, blurred)
+    assert err.shape == image.shape and err.mean().item() > 0.1
+
+
+def test_critic_map_is_the_negative_logit_at_image_size():
+    from scripts.scoring import critic_map
+
+    logits = torch.tensor([[[[2.0, -1.0], [0.0, 0.0]]]])
+    out = critic_map(logits, (4, 4))
+    assert out.shape == (1, 1, 4, 4)
+    assert out[0, 0, 0, 0].item() == pytest.approx(-2.0) and out[0, 0, 0, 3].item() == pytest.approx(1.0)
+
+
+def test_standardise_gives_z_scores():
+    from scripts.scoring import standardise
+
+    z = standardise(torch.tensor([[[[3.0, 1.0]]]]), torch.tensor([[[[1.0, 1.0]]]]), torch.tensor([[[[2.0, 0.5]]]]), eps=0)
+    assert z.flatten().tolist() == pytest.approx([1.0, 0.0])

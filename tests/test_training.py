@@ -104,3 +104,8 @@ def test_checkpoints_hold_no_pickled_modules():
     trainer, _, _ = make_trainer(discriminator(channels=4, num_layers=2))
     trainer.run()
     assert set(trainer.state_dict()) <= {"iteration", "epoch", "epoch_length", "max_epochs"}
+
+
+def test_a_command_line_false_string_is_refused_not_read_as_true():
+    with pytest.raises(TypeError, match="write False"):
+        reconstructor(channels=(4, 8), strides=(2,), skip_connections="false")
