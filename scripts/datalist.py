@@ -14,6 +14,7 @@ CLI::
 
     python -m scripts.datalist --dataset-dir DIR --output datalist.json [--layout auto|brats|msd|images]
         [--labels-csv F] [--masks-dir D] [--val-fraction 0.2] [--test-fraction 0.2] [--seed 0] [--channel 0]
+        [--folds K --fold I]
 """
 
 from __future__ import annotations
@@ -54,10 +55,14 @@ def build_datalist(
     test_fraction: float = 0.2,
     seed: int = 0,
     channel: int = 0,
+    folds: int = 0,
+    fold: int = 0,
 ) -> dict[str, Any]:
     """Find the cases of ``dataset_dir`` and split them; returns the datalist dict (paths relative to the folder).
 
     ``channel`` is the FLAIR channel of 4D MSD images; ``labels_csv`` and ``masks_dir`` apply to 2D images.
+    With ``folds > 1`` the split is fold ``fold`` of a patient-level cross-validation (``fold_cases``) and the
+    fractions are not used.
     """
     root = Path(dataset_dir).resolve()
     if not root.is_dir():
@@ -72,7 +77,11 @@ def build_datalist(
     else:
         items = find_image_cases(root, labels_csv, masks_dir)
     labels = {item["case_id"]: item["label"] for item in items if "label" in item}
-    splits = split_cases([item["case_id"] for item in items], labels, val_fraction, test_fraction, seed)
+    ids = [item["case_id"] for item in items]
+    if folds > 1:
+        splits = fold_cases(ids, labels, folds, fold, seed)
+    else:
+        splits = split_cases(ids, labels, val_fraction, test_fraction, seed)
     by_id = {item["case_id"]: _relative(item, root) for item in items}
     datalist: dict[str, Any] = {"name": root.name, "layout": layout, "dataset_dir": str(root)}
     datalist.update({split: [by_id[case] for case in splits[split]] for split in SPLITS})
@@ -110,6 +119,35 @@ def split_cases(
             splits[split].extend(shuffled[start : start + count])
             deficit[index] += len(members) * fractions[index] - count
             start += count
+    return {split: sorted(ids) for split, ids in splits.items()}
+
+
+def fold_cases(
+    case_ids: Sequence[str], labels: Mapping[str, int] | None, folds: int, fold: int, seed: int = 0
+) -> dict[str, list[str]]:
+    """Fold ``fold`` of a ``folds``-fold patient-level cross-validation, stratified by label.
+
+    Cases are dealt round-robin into folds after a seeded shuffle within each label group; fold ``fold`` is the
+    test set, fold ``fold + 1`` (mod ``folds``) the validation set (model selection and thresholds, normal cases
+    only), the rest training. Over all folds every case is tested exactly once.
+    """
+    if not 2 <= folds <= len(case_ids):
+        raise ValueError(f"folds must be between 2 and the number of cases ({len(case_ids)}), got {folds}")
+    if not 0 <= fold < folds:
+        raise ValueError(f"fold must be in 0..{folds - 1}, got {fold}")
+    labels = labels or {}
+    rng = np.random.default_rng(seed)
+    assignment: dict[str, int] = {}
+    dealt = 0
+    for group in sorted({labels.get(case, -1) for case in case_ids}):
+        members = sorted(case for case in case_ids if labels.get(case, -1) == group)
+        for case in (members[i] for i in rng.permutation(len(members))):
+            assignment[case] = dealt % folds
+            dealt += 1
+    validation = (fold + 1) % folds
+    splits = {"training": [], "validation": [], "testing": []}
+    for case, k in assignment.items():
+        splits["testing" if k == fold else "validation" if k == validation else "training"].append(case)
     return {split: sorted(ids) for split, ids in splits.items()}
 
 
@@ -402,11 +440,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--test-fraction", type=float, default=0.2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--channel", type=int, default=0, help="MSD: FLAIR channel of the 4D images (default 0)")
+    parser.add_argument("--folds", type=int, default=0, help="patient-level cross-validation with this many folds")
+    parser.add_argument("--fold", type=int, default=0, help="with --folds: which fold is the test set")
     args = parser.parse_args(argv)
     try:
         datalist = build_datalist(
             args.dataset_dir, args.layout, args.labels_csv, args.masks_dir,
-            args.val_fraction, args.test_fraction, args.seed, args.channel,
+            args.val_fraction, args.test_fraction, args.seed, args.channel, args.folds, args.fold,
         )
     except (InputError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

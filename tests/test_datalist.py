@@ -262,3 +262,19 @@ def test_real_isic2016(shared_data):
     assert sum("seg" in item for item in items) == 749
     for split in SPLITS:
         assert {item["label"] for item in datalist[split]} == {0, 1}
+
+
+def test_folds_test_every_case_once_and_never_mix_splits():
+    from scripts.datalist import fold_cases
+
+    ids = [f"case{i}" for i in range(10)]
+    labels = {case: i % 2 for i, case in enumerate(ids)}
+    tested = []
+    for fold in range(4):
+        splits = fold_cases(ids, labels, folds=4, fold=fold, seed=1)
+        sets = [set(splits[s]) for s in ("training", "validation", "testing")]
+        assert not (sets[0] & sets[1]) and not (sets[0] & sets[2]) and not (sets[1] & sets[2])
+        assert set().union(*sets) == set(ids)
+        tested += splits["testing"]
+    assert sorted(tested) == sorted(ids)
+    assert fold_cases(ids, labels, 4, 2, seed=1) == fold_cases(ids, labels, 4, 2, seed=1)
