@@ -130,7 +130,7 @@ class AnomalyEvaluator(SupervisedEvaluator):
 
     Output: ``image``, ``pred`` (the heatmap), ``recon`` (reconstruction at network size, for the validation
     metric), ``scores`` (the full ``AnomalyScores``), and the batch's ``case_id``, ``label``, ``slice_index`` and
-    ``image_meta_dict`` when present; an item whose loading failed gives ``{"error": ..., "case_id": ...}``.
+    ``image_meta_dict`` when present; an item whose loading or scoring failed gives ``{"error": ..., "case_id": ...}``.
     """
 
     def __init__(
@@ -165,6 +165,9 @@ class AnomalyEvaluator(SupervisedEvaluator):
             return passthrough
         image = batchdata["image"].to(engine.state.device, non_blocking=engine.non_blocking)
         engine.network.eval()
-        scores = engine.inferer.score(image, engine.network)
+        try:
+            scores = engine.inferer.score(image, engine.network)
+        except (ValueError, RuntimeError) as error:  # one case that cannot be scored must not lose the others
+            return {**passthrough, "error": [f"{type(error).__name__}: {error}"] * len(image)}
         return {**passthrough, Keys.IMAGE: image, Keys.PRED: scores.heatmap, "recon": scores.reconstruction,
                 "resized": scores.resized, "scores": scores}
