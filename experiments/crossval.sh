@@ -8,14 +8,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . .venv/bin/activate
 modality=$1 data=$2 out=$3 folds=${FOLDS:-4} seed=${SEED:-0}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # two jobs side by side on 2 cores thrash with more threads
 mkdir -p "$out"
 if [ "$modality" = brats ]; then
     configs="'configs/train.json'" infer="'configs/inference.json'"
-    size=(--image_size 128 --patch_size 16 --max_epochs "${EPOCHS:-60}")
+    size=(--image_size 128 --patch_size 16 --max_epochs "${EPOCHS:-40}")
     datalist_args=(--dataset-dir "$data")
 else
     configs="'configs/train.json','configs/dermoscopy.json'" infer="'configs/inference.json','configs/dermoscopy.json'"
-    size=(--image_size 64 --patch_size 8 --max_epochs "${EPOCHS:-30}")
+    size=(--image_size 64 --patch_size 8 --max_epochs "${EPOCHS:-20}")
     datalist_args=(--dataset-dir "$data/train" --labels-csv "$data/train_labels.csv" --masks-dir "$data/train_masks")
 fi
 net=(--network_def#channels "[16, 32, 64, 128, 256]" --discriminator_def#channels 32 --num_workers 0)

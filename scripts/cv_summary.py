@@ -20,12 +20,12 @@ from typing import Any
 
 import numpy as np
 
-from scripts.evaluation import evaluate, load_items
+from scripts.evaluation import detection_metrics, evaluate, load_items, read_scores
 from scripts.io import write_atomic
 
 logger = logging.getLogger(__name__)
 
-METRICS = ("auc", "ap", "sensitivity", "specificity")
+METRICS = ("auc", "ap", "sensitivity", "specificity", "validation_auc")
 
 
 def fold_results(fold_dir: Path) -> dict[str, dict[str, Any]]:
@@ -38,8 +38,21 @@ def fold_results(fold_dir: Path) -> dict[str, dict[str, Any]]:
                   if (Path(path) / "validation" / "slice_scores.csv").exists()}
     datalist = fold_dir / "datalist.json"
     items = load_items(datalist, "testing") if datalist.exists() else None
-    return evaluate(next(iter(ordered.values())), eval_dir=fold_dir / "evaluation", methods=ordered,
-                    validation_output_dir=validation or None, datalist=items)
+    results = evaluate(next(iter(ordered.values())), eval_dir=fold_dir / "evaluation", methods=ordered,
+                       validation_output_dir=validation or None, datalist=items)
+    for name, folder in validation.items():
+        results[name]["validation_auc"] = validation_auc(Path(folder))
+    return results
+
+
+def validation_auc(folder: Path) -> float | None:
+    """Slice AUROC on the validation patients: the figure that may choose a scoring variant (never the test's)."""
+    _, slices = read_scores(folder)
+    keep = np.isin(slices.get("label", np.array([])), (0, 1))
+    if not keep.any():
+        return None
+    auc = detection_metrics(slices["label"][keep], slices["score"][keep])["auc"]
+    return None if np.isnan(auc) else auc
 
 
 def summarise(results: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
@@ -72,9 +85,10 @@ def _stats(values: Sequence[Any]) -> dict[str, Any]:
 def markdown(summary: dict[str, dict[str, Any]], title: str) -> str:
     """A table of mean +/- std over folds per method, per-fold AUCs alongside."""
     lines = [f"# {title}", "", "Mean +/- std over patient folds; sensitivity and specificity at the 95th percentile "
-             "of each fold's normal validation scores.", "",
-             "| method | AUROC | AP | sens@thr | spec@thr | pixel AUROC | per-fold AUROC |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+             "of each fold's normal validation scores; validation AUROC is measured on the validation patients "
+             "(the only figure allowed to choose a variant).", "",
+             "| method | AUROC | AP | sens@thr | spec@thr | validation AUROC | pixel AUROC | per-fold AUROC |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for method, entry in summary.items():
         cells = [_cell(entry[m]) for m in METRICS] + [_cell(entry.get("pixel_auc"))]
         folds = ", ".join("n/a" if v is None else f"{v:.3f}" for v in entry["auc"]["per_fold"])
