@@ -1,0 +1,35 @@
+"""The configs satisfy MONAI's bundle properties and the metadata's network format, checked by MONAI's own tools."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from monai.bundle import ConfigWorkflow
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(("config", "kind"), [("configs/train.json", "train"), ("configs/inference.json", "infer")])
+def test_configs_have_every_required_bundle_property(config, kind, tmp_path):
+    workflow = ConfigWorkflow(
+        config_file=str(ROOT / config), workflow_type=kind, meta_file=str(ROOT / "configs" / "metadata.json"),
+        logging_file=None, bundle_root=str(ROOT), output_dir=str(tmp_path), ckpt_dir=str(tmp_path),
+    )
+    workflow.initialize()
+    assert workflow.check_properties() == []
+
+
+def test_top_level_metadata_is_a_relative_link_to_the_configs_copy():
+    link = ROOT / "metadata.json"
+    assert link.is_symlink() and not Path(os.readlink(link)).is_absolute()
+    assert link.resolve() == (ROOT / "configs" / "metadata.json").resolve()
+
+
+def test_network_matches_the_metadata_input_and_output_format():
+    cmd = [sys.executable, "-m", "monai.bundle", "verify_net_in_out", "network_def",
+           "--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "verified with no error" in result.stdout + result.stderr
