@@ -1,5 +1,6 @@
 """The configs satisfy MONAI's bundle properties and the metadata's network format, checked by MONAI's own tools."""
 
+import json
 import os
 import subprocess
 import sys
@@ -8,14 +9,22 @@ from pathlib import Path
 import pytest
 from monai.bundle import ConfigWorkflow
 
+from scripts.datalist import build_datalist
+from scripts.synthetic import generate_dataset
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize(("config", "kind"), [("configs/train.json", "train"), ("configs/inference.json", "infer")])
 def test_configs_have_every_required_bundle_property(config, kind, tmp_path):
+    # A fresh clone has no demo data: point the workflow at a tiny generated set of its own.
+    generate_dataset(tmp_path / "data", n_cases=4, shape=(24, 24, 16), seed=0, abnormal_fraction=0.5)
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps(build_datalist(tmp_path / "data", val_fraction=0.25, test_fraction=0.25, seed=0)))
     workflow = ConfigWorkflow(
         config_file=str(ROOT / config), workflow_type=kind, meta_file=str(ROOT / "configs" / "metadata.json"),
         logging_file=None, bundle_root=str(ROOT), output_dir=str(tmp_path), ckpt_dir=str(tmp_path),
+        datalist=str(datalist),
     )
     workflow.initialize()
     assert workflow.check_properties() == []
