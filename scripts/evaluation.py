@@ -372,7 +372,7 @@ def _atomic_path(path: Path) -> Iterator[Path]:
             os.unlink(tmp)
 
 
-def _write_text(path: Path, text: str) -> None:
+def write_text(path: Path, text: str) -> None:
     with _atomic_path(path) as tmp:
         tmp.write_text(text)
 
@@ -589,8 +589,8 @@ def _write_outputs(
     eval_dir: Path, results: Mapping[str, dict], series: Mapping[str, Series], level: str, fpr: float
 ) -> None:
     """metrics.json, metrics.md, roc.png and score_distribution.png, each atomically."""
-    _write_text(eval_dir / "metrics.json", json.dumps(_json_safe(results), indent=2) + "\n")
-    _write_text(eval_dir / "metrics.md", metrics_markdown(results, level, fpr))
+    write_text(eval_dir / "metrics.json", json.dumps(json_safe(results), indent=2) + "\n")
+    write_text(eval_dir / "metrics.md", metrics_markdown(results, level, fpr))
     points = {
         name: (1.0 - r["specificity"], r["sensitivity"])
         for name, r in results.items()
@@ -648,10 +648,10 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """NaN -> null (strict JSON), numpy scalars -> Python numbers, recursively."""
     if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (float, np.floating)):
         return float(value) if np.isfinite(value) else None
     if isinstance(value, np.integer):

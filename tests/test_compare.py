@@ -1,0 +1,155 @@
+"""The one-command comparison: folds, aggregation, and a tiny end-to-end run of every method."""
+
+import csv
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from scripts import compare
+from scripts.synthetic import generate_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+REQUIRED = ("patchgan_ranking", "patchgan_no_ranking", "ae", "ocsvm", "alocc", "ocsvm_guided",
+            "trivial_intensity", "trivial_position")
+TINY = ["--image-size", "32", "--max-epochs", "1", "--batch-size", "8", "--channels", "8,16,32", "--threads", "1",
+        "--override", "network_def#num_res_units=1", "--override", "min_lesion_voxels=5"]
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_aggregate_gives_mean_and_sample_std_over_folds_and_skips_undefined_folds():
+    per_fold = {
+        "fold_0": {"ae": {"auc": 0.6, "ap": 0.5, "sensitivity": 0.2, "specificity": 0.9}},
+        "fold_1": {"ae": {"auc": 0.8, "ap": 0.7, "sensitivity": 0.4, "specificity": 1.0, "case": {"auc": 1.0, "ap": 1.0}}},
+        "fold_2": {"ae": {"auc": math.nan, "ap": math.nan, "sensitivity": math.nan, "specificity": 0.8}},
+    }
+    summary = compare.aggregate(per_fold)["ae"]
+    assert summary["auc"] == pytest.approx(0.7) and summary["auc_std"] == pytest.approx(np.std([0.6, 0.8], ddof=1))
+    assert summary["n_folds"] == 2 and summary["specificity"] == pytest.approx(0.9)
+    assert summary["case"]["auc"] == 1.0 and math.isnan(summary["case"]["auc_std"])
+    assert set(summary["folds"]) == {"fold_0", "fold_1", "fold_2"}
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_compare_trains_every_method_and_writes_the_comparison(tmp_path):
+    generate_dataset(tmp_path / "data", n_cases=8, shape=(40, 40, 16), seed=3, abnormal_fraction=0.5)
+    out = tmp_path / "out"
+    summary = compare.main(["--dataset", str(tmp_path / "data"), "--output", str(out), "--folds", "3", *TINY])
+    data = json.loads((out / "comparison.json").read_text())
+    assert set(REQUIRED) <= set(data) and set(data) == set(summary)
+    for method in REQUIRED:
+        assert {"auc", "ap", "auc_std", "ap_std", "sensitivity", "specificity", "n_folds", "folds"} <= set(data[method])
+        assert data[method]["n_folds"] >= 1 and 0.0 <= data[method]["auc"] <= 1.0
+    table = (out / "comparison.md").read_text()
+    assert "| Method | AUC | AP |" in table and "±" in table and "Failures" not in table
+    assert all(f"`{method}`" in table for method in REQUIRED)
+    for name in ("roc.png", "score_distribution.png"):
+        assert (out / name).stat().st_size > 10_000
+    for fold in ("fold_0", "fold_1", "fold_2"):
+        datalist = json.loads((out / fold / "datalist.json").read_text())
+        test_cases = {item["case_id"] for item in datalist["testing"]}
+        assert not test_cases & {item["case_id"] for item in datalist["training"] + datalist["validation"]}
+        for method in REQUIRED[:6]:
+            rows = read_csv(out / fold / method / "slice_scores.csv")
+            assert {r["case_id"] for r in rows} == test_cases
+            assert all(np.isfinite(float(r["score"])) for r in rows)
+            assert (out / fold / method / "validation" / "slice_scores.csv").is_file()
+        assert (out / fold / "evaluation" / "metrics.json").is_file()
+
+
+def test_compare_trains_on_one_folder_and_tests_on_another(tmp_path):
+    generate_dataset(tmp_path / "a", n_cases=6, shape=(40, 40, 16), seed=1, abnormal_fraction=0.5)
+    generate_dataset(tmp_path / "b", n_cases=4, shape=(40, 40, 16), seed=2, abnormal_fraction=0.5)
+    out = tmp_path / "out"
+    compare.main(["--train", str(tmp_path / "a"), "--test", str(tmp_path / "b"), "--output", str(out),
+                  "--methods", "patchgan_ranking,ocsvm", *TINY])
+    data = json.loads((out / "comparison.json").read_text())
+    assert {"patchgan_ranking", "ocsvm", "trivial_intensity"} <= set(data)
+    assert data["ocsvm"]["n_folds"] == 1 and data["ocsvm"]["auc_std"] is None  # one split: no spread
+    datalist = json.loads((out / "fold_0" / "datalist.json").read_text())
+    assert all(str(tmp_path / "b") in item["image"] for item in datalist["testing"])
+    assert all(str(tmp_path / "a") in item["image"] for item in datalist["training"] + datalist["validation"])
+    assert len(datalist["testing"]) == 4
+
+
+def test_bad_arguments_are_refused(tmp_path):
+    with pytest.raises(SystemExit):
+        compare.main(["--output", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        compare.main(["--dataset", str(tmp_path), "--output", str(tmp_path), "--methods", "ae,unknown"])
+
+
+def test_evaluate_config_wraps_the_evaluation(tmp_path):
+    """configs/evaluate.json through MONAI's bundle runner, on a hand-written inference output."""
+    for folder, shift in ((tmp_path / "test", 1.0), (tmp_path / "val", 0.0)):
+        folder.mkdir()
+        rows = ["case_id,slice_index,score,trivial_intensity,trivial_position,label"]
+        rows += [f"c{i},{i},{0.1 * i + shift * (i % 2)},{i},{0.5},{i % 2 if shift else 0}" for i in range(12)]
+        (folder / "slice_scores.csv").write_text("\n".join(rows) + "\n")
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "evaluating", "--config_file", "configs/evaluate.json",
+           "--output_dir", str(tmp_path / "test"), "--eval_dir", str(tmp_path / "eval"),
+           "--validation_output_dir", str(tmp_path / "val"), "--fpr", "0.1"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["model"]["auc"] == 1.0 and metrics["model"]["fpr_target"] == 0.1
+    assert metrics["model"]["threshold_source"] == str(tmp_path / "val")
+    assert (tmp_path / "eval" / "roc.png").is_file()
+
+
+def test_patch_cells_recover_the_patch_grid_of_a_heatmap_on_the_input_grid(tmp_path):
+    """A heatmap written as the core writes it (patch grid upsampled, on the input's own, LPS, grid) gives back the
+    grid values, with lesion and foreground fractions per patch."""
+    import nibabel as nib
+    import torch.nn.functional as F
+
+    from scripts.handlers import to_original_grid
+    from scripts.io import save_nifti_atomic
+    from scripts.transforms import LoadCased
+
+    generate_dataset(tmp_path / "data", n_cases=2, shape=(40, 36, 16), seed=3, abnormal_fraction=1.0)
+    case = tmp_path / "data" / "SYN_001"  # stored LPS
+    item = {"case_id": "SYN_001", "image": str(case / "SYN_001_flair.nii.gz"), "seg": str(case / "SYN_001_seg.nii.gz")}
+    ras = LoadCased()(dict(item))
+    grid = torch.rand(16, 1, 4, 4)
+    heat = F.interpolate(grid, size=(40, 36), mode="nearest")[:, 0].permute(1, 2, 0).numpy()  # (H, W, D) in RAS
+    affine = nib.load(item["image"]).affine
+    save_nifti_atomic(to_original_grid(heat, affine).astype(np.float32), affine, tmp_path / "heat.nii.gz")
+    protocol = compare.PatchProtocol(grid=4, brain_fraction=0.5, lesion_fraction=0.05)
+    patches = protocol.case_patches(item, tmp_path / "heat.nii.gz", [5, 8])
+    np.testing.assert_allclose(patches["score"], grid[[5, 8]].flatten().numpy(), rtol=1e-6)
+    assert patches["slice"].tolist() == [5] * 16 + [8] * 16 and patches["cell"].tolist() == list(range(16)) * 2
+    lesion = ras["seg"][0][..., 8] > 0
+    assert patches["lesion"][16:].sum() * 10 * 9 == pytest.approx(lesion.sum())  # 40x36 in 4x4 patches of 10x9
+    labels = protocol.labels(patches)
+    assert set(labels.tolist()) <= {-1, 0, 1} and np.all(patches["lesion"][labels == 0] == 0)
+
+
+def test_compare_patch_protocol_balances_the_test_patches(tmp_path):
+    generate_dataset(tmp_path / "data", n_cases=6, shape=(40, 40, 16), seed=3, abnormal_fraction=0.5)
+    out = tmp_path / "out"
+    compare.main(["--dataset", str(tmp_path / "data"), "--output", str(out), "--folds", "3", "--protocol", "patch",
+                  "--patch-brain-fraction", "0.5", "--methods", "patchgan_ranking,ocsvm", *TINY])
+    data = json.loads((out / "comparison.json").read_text())
+    assert {"patchgan_ranking", "trivial_intensity", "trivial_position"} <= set(data) and "ocsvm" not in data
+    assert "patch level" in (out / "comparison.md").read_text()
+    for fold in ("fold_0", "fold_1", "fold_2"):
+        rows = read_csv(out / fold / "patch" / "patchgan_ranking" / "slice_scores.csv")
+        labels = [int(r["label"]) for r in rows]
+        assert labels.count(0) == labels.count(1) > 0
+        assert (out / fold / "patch" / "patchgan_ranking" / "validation" / "slice_scores.csv").is_file()
