@@ -181,3 +181,36 @@ def _save_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def case_items(items: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Case items in the bundle's datalist form, from a bundle datalist or from a MONAI Label datastore.
+
+    MONAI Label's ``BundleTrainTask`` hands over ``{"image": path, "label": path}`` for every study with a final
+    label: there ``label`` is the study's lesion mask, which becomes ``seg`` (an all-zero mask marks a normal study;
+    the lesion slices of a non-empty one are left out of training like any abnormal slice). ``case_id`` defaults
+    to the image's file name without its extension. Bundle datalist items pass through unchanged.
+    """
+    out = []
+    for item in items:
+        case = dict(item)
+        label = case.get("label")
+        if isinstance(label, (str, os.PathLike)) and not str(label).strip().lstrip("-").isdigit():
+            case["seg"] = str(case.pop("label"))
+        if "case_id" not in case:
+            name = Path(str(case["image"])).name
+            for suffix in (".nii.gz", Path(name).suffix):
+                name = name.removesuffix(suffix)
+            case["case_id"] = name
+        out.append(case)
+    return out
+
+
+class SliceDataset(MonaiDataset):
+    """A MONAI ``Dataset`` of the slice records of cases: ``slicer`` (``build_slice_records`` with its settings,
+    the ``slices`` config id) cuts ``data`` (case items, see ``case_items``) into records, ``transform`` applies
+    per record. Its ``data`` is the list of cases, so MONAI Label's ``train#dataset#data`` override works."""
+
+    def __init__(self, data: Sequence[dict[str, Any]], slicer: Callable[..., list[dict[str, Any]]], transform: Callable | None = None) -> None:
+        self.cases = case_items(data)
+        super().__init__(slicer(self.cases), transform)

@@ -235,3 +235,32 @@ class RandBoxMaskd(RandomizableTransform, MapTransform):
         d[self.masked_key] = torch.where(mask.bool(), torch.as_tensor(self.fill, dtype=image.dtype), image)
         d[self.mask_key] = mask
         return d
+
+
+class ToOriginalGridd(MapTransform):
+    """Put channel-first volumes computed on ``LoadCased``'s RAS grid (the heatmap ``pred``) back on the input
+    file's own voxel grid, so that they can be written with the input's affine, as MONAI Label's writer does.
+
+    Reads ``original_affine`` from ``meta_key``; 2D images, items without it and arrays that are not
+    ``(C, H, W, D)`` pass through unchanged.
+    """
+
+    def __init__(self, keys: KeysCollection = "pred", meta_key: str = "image_meta_dict", allow_missing_keys: bool = True) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.meta_key = meta_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        affine = (d.get(self.meta_key) or {}).get("original_affine")
+        affine = None if affine is None else np.asarray(affine, dtype=np.float64)
+        if affine is None or affine.shape != (4, 4):  # 2D image, or a collated batch: nothing to do here
+            return d
+        back = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"), nib.orientations.io_orientation(affine))
+        for key in self.key_iterator(d):
+            value = d[key]
+            array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+            if array.ndim != 4:
+                continue
+            restored = np.ascontiguousarray(np.stack([nib.orientations.apply_orientation(c, back) for c in array]))
+            d[key] = torch.as_tensor(restored) if isinstance(value, torch.Tensor) else restored
+        return d

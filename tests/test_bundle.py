@@ -87,6 +87,20 @@ def test_training_resumes_from_the_final_checkpoint(trained, tmp_path):
     assert "Epoch[1]" not in result.stdout + result.stderr  # started from epoch 3, not from scratch
 
 
+def test_fine_tuning_starts_from_published_reconstructor_weights(trained, tmp_path):
+    """``--init_from models/model.pt`` loads the reconstructor before training (learning rate 0: it stays so)."""
+    root, _ = trained
+    args = ["--datalist", str(root / "datalist.json"), "--output_dir", str(tmp_path / "train"),
+            "--ckpt_dir", str(tmp_path), "--max_epochs", "1", "--val_interval", "1", "--learning_rate", "0.0",
+            "--discriminator_def#channels", "8", "--init_from", str(root / "models" / "model.pt")]
+    bundle("training", "train.json", *args)
+    published = torch.load(root / "models" / "model.pt", map_location="cpu")
+    tuned = torch.load(tmp_path / "checkpoint_final.pt", map_location="cpu")
+    assert tuned["trainer"]["iteration"] == tuned["trainer"]["epoch_length"]  # a fresh run, not a resumed one
+    for name, value in published.items():
+        torch.testing.assert_close(tuned["network"][name], value, rtol=0, atol=0)
+
+
 def test_inference_writes_scores_and_heatmaps_on_the_input_grid(trained, tmp_path):
     root, datalist = trained
     out = tmp_path / "out"

@@ -127,3 +127,28 @@ def test_a_benign_picture_with_a_lesion_mask_stays_normal(tmp_path):
     data = VolumeToSlicesd(image_size=16)(LoadCased()(item))
     assert data["label"].tolist() == [0]
     assert data["image"].shape == (1, 3, 16, 16) and data["seg"].sum() > 0
+
+
+def test_to_original_grid_undoes_the_ras_reorientation_of_an_lps_volume(tmp_path):
+    from scripts.transforms import ToOriginalGridd
+
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0])
+    item = write_case(tmp_path, affine=lps)
+    loaded = LoadCased()(item)
+    assert not np.array_equal(loaded["image"][0], np.asarray(nib.load(item["image"]).dataobj))  # it was flipped
+    pred = torch.as_tensor(np.ascontiguousarray(loaded["image"]))  # a heatmap on the RAS grid
+    restored = ToOriginalGridd("pred")({"pred": pred, "image_meta_dict": loaded["image_meta_dict"]})
+    np.testing.assert_array_equal(restored["pred"][0].numpy(), np.asarray(nib.load(item["image"]).dataobj))
+    flat = {"pred": torch.zeros(1, 8, 8), "image_meta_dict": {}}  # a 2D picture passes through
+    assert ToOriginalGridd("pred")(flat)["pred"] is flat["pred"]
+
+
+def test_monai_label_items_become_bundle_cases():
+    from scripts.data import case_items
+
+    label_study = {"image": "/studies/BRATS_007.nii.gz", "label": "/studies/labels/final/BRATS_007.nii.gz"}
+    picture = {"case_id": "ISIC_1", "image": "/isic/ISIC_1.jpg", "label": 1}
+    assert case_items([label_study, picture]) == [
+        {"image": "/studies/BRATS_007.nii.gz", "seg": "/studies/labels/final/BRATS_007.nii.gz", "case_id": "BRATS_007"},
+        picture,
+    ]

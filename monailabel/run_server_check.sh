@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Opt-in check of the bundle in a real MONAI Label server: installs MONAI Label into its own virtual environment
+# (idempotent; the first run takes several minutes and ~8 GB), then runs check_server.py there, which starts
+# `monailabel start_server` on 127.0.0.1 with the sample app apps/patchgan_anomaly and synthetic FLAIR studies,
+# calls /infer and /train and checks the returned heatmaps. Extra arguments go to check_server.py.
+#
+#   MONAILABEL_VENV   where the environment lives (default: monailabel/.venv)
+#   PYTHON            the interpreter that creates it (default: python3; 3.11 finds torch on this machine's disk)
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+ROOT=$(dirname "$HERE")
+VENV=${MONAILABEL_VENV:-$HERE/.venv}
+PYTHON=${PYTHON:-python3}
+
+if ! "$VENV/bin/python" -c "import monailabel.app, torchvision, nibabel, SimpleITK" >/dev/null 2>&1; then
+    echo "[run_server_check] installing MONAI Label into $VENV"
+    "$PYTHON" -m venv "$VENV"
+    # MONAI Label 0.8.5 needs torchvision (a matching torch pair: both from local disk for Python 3.11 here),
+    # numpy<2, pydicom<3 (for its pydicom-seg 0.4.1), and builds sam2 from source (against the torch already
+    # installed, without CUDA).
+    "$VENV/bin/python" -m pip install -q "torch==2.14.1" "torchvision==0.29.1" setuptools wheel
+    # the bundle's own runtime needs, without those MONAI Label pins differently (numpy, jsonschema) or does not
+    # need in the server (torch is above; onnx/onnxruntime serve only the export)
+    grep -v -E '^\s*(#|$)|^(torch|numpy|jsonschema|onnx|onnxruntime)([<>=! ]|$)' "$ROOT/requirements.txt" > "$VENV/bundle-requirements.txt"
+    SAM2_BUILD_CUDA=0 "$VENV/bin/python" -m pip install -q --no-build-isolation "monailabel==0.8.5" "numpy<2" "pydicom<3" \
+        "torch==2.14.1" "torchvision==0.29.1" -r "$VENV/bundle-requirements.txt"
+fi
+export PATH="$VENV/bin:$PATH"
+exec "$VENV/bin/python" "$HERE/check_server.py" --bundle-root "$ROOT" "$@"
