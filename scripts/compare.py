@@ -109,6 +109,7 @@ class Settings:
     fpr: float = 0.05
     overrides: dict[str, Any] = field(default_factory=dict)
     extra_configs: list[str] = field(default_factory=list)
+    train_configs: list[str] = field(default_factory=list)
 
     def common(self, model: str) -> dict[str, Any]:
         """Overrides shared by the training and inference runs of ``model``."""
@@ -232,7 +233,7 @@ def train_model(model: str, fold: Fold, folder: Path, settings: Settings) -> Pat
     ckpt = folder / "models"
     overrides = {**settings.training(model), "datalist": str(fold.datalist), "dataset_dir": "",
                  "output_dir": str(folder / "train"), "ckpt_dir": str(ckpt), "cache_dir": str(fold.folder.parent / "slice_cache")}
-    configs = ["train.json", *settings.extra_configs, *MODEL_CONFIGS[model]]
+    configs = ["train.json", *settings.extra_configs, *MODEL_CONFIGS[model], *settings.train_configs]
     if model == "ocsvm":
         from scripts.baselines.ocsvm import fit_from_config
 
@@ -540,6 +541,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--fpr", type=float, default=0.05, help="target false positive rate of the threshold")
     parser.add_argument("--override", action="append", default=[], metavar="ID=VALUE",
                         help="config override for every run (VALUE as JSON when it parses), repeatable")
+    parser.add_argument("--train-config", action="append", default=[], metavar="FILE",
+                        help="override config merged last onto every training run, e.g. configs/lesion_free.json "
+                        "(which replaces the training transforms: use it with the patchgan methods)")
     parser.add_argument("--protocol", choices=("slice", "patch"), default="slice",
                         help="slice/image level (default), or the paper's patch level (needs lesion masks)")
     parser.add_argument("--patch-brain-fraction", type=float, default=0.9,
@@ -593,6 +597,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
         num_res_units=small.get("num_res_units"), learning_rate=small.get("learning_rate"),
         num_workers=args.num_workers, seed=args.seed, fpr=args.fpr, overrides=dict(map(_override, args.override)),
         extra_configs=["dermoscopy.json"] if described["layout"] == "images" else [],
+        train_configs=[str(Path(c).resolve()) for c in args.train_config],
     )
     patches = None
     if args.protocol == "patch":

@@ -209,8 +209,16 @@ def case_items(items: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 class SliceDataset(MonaiDataset):
     """A MONAI ``Dataset`` of the slice records of cases: ``slicer`` (``build_slice_records`` with its settings,
     the ``slices`` config id) cuts ``data`` (case items, see ``case_items``) into records, ``transform`` applies
-    per record. Its ``data`` is the list of cases, so MONAI Label's ``train#dataset#data`` override works."""
+    per record. Its ``data`` is the list of cases, so MONAI Label's ``train#dataset#data`` override works.
+    ``labels``, when given, replaces the slicer's choice of slice labels (``configs/lesion_free.json``)."""
 
-    def __init__(self, data: Sequence[dict[str, Any]], slicer: Callable[..., list[dict[str, Any]]], transform: Callable | None = None) -> None:
+    def __init__(
+        self,
+        data: Sequence[dict[str, Any]],
+        slicer: Callable[..., list[dict[str, Any]]],
+        transform: Callable | None = None,
+        labels: Sequence[int] | None = None,
+    ) -> None:
         self.cases = case_items(data)
-        super().__init__(slicer(self.cases), transform)
+        records = slicer(self.cases) if labels is None else slicer(self.cases, labels=list(labels))
+        super().__init__(records, transform)

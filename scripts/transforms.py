@@ -264,3 +264,32 @@ class ToOriginalGridd(MapTransform):
             restored = np.ascontiguousarray(np.stack([nib.orientations.apply_orientation(c, back) for c in array]))
             d[key] = torch.as_tensor(restored) if isinstance(value, torch.Tensor) else restored
         return d
+
+
+class LesionFreeWeightd(MapTransform):
+    """Pixel weights for training on normal regions only: 0 on lesion pixels (grown by ``margin`` pixels), 1 elsewhere.
+
+    With these weights (``weight_key`` of ``PatchGANTrainer``) lesion pixels carry no reconstruction loss and a
+    critic patch that touches one is never shown to D as "real" (``scripts.losses.pool_to_grid``), so slices and
+    pictures with lesions still teach the model what their healthy parts look like. A record without a mask gets
+    all ones; the mask is dropped from the output.
+    """
+
+    def __init__(self, seg_key: str = "seg", weight_key: str = "weight", image_key: str = "image", margin: int = 0) -> None:
+        super().__init__([seg_key], allow_missing_keys=True)
+        if margin < 0:
+            raise ValueError(f"margin must be >= 0 pixels, got {margin}")
+        self.seg_key, self.weight_key, self.image_key, self.margin = seg_key, weight_key, image_key, margin
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        image = torch.as_tensor(d[self.image_key])
+        seg = d.pop(self.seg_key, None)
+        if seg is None:
+            d[self.weight_key] = torch.ones((1, *image.shape[1:]), dtype=torch.float32)
+            return d
+        lesion = (torch.as_tensor(np.asarray(seg)) > 0).float().reshape(1, 1, *image.shape[1:])
+        if self.margin:
+            lesion = F.max_pool2d(lesion, 2 * self.margin + 1, stride=1, padding=self.margin)
+        d[self.weight_key] = 1.0 - lesion[0]
+        return d

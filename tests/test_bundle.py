@@ -101,6 +101,28 @@ def test_fine_tuning_starts_from_published_reconstructor_weights(trained, tmp_pa
         torch.testing.assert_close(tuned["network"][name], value, rtol=0, atol=0)
 
 
+def test_lesion_free_training_uses_the_healthy_pixels_of_lesion_slices(trained, tmp_path):
+    """``configs/lesion_free.json``: lesion slices join training with zero weight on their lesions."""
+    from monai.bundle import ConfigParser
+
+    root, _ = trained
+    overrides = {"datalist": str(root / "datalist.json"), "output_dir": str(tmp_path / "train"),
+                 "ckpt_dir": str(tmp_path), "image_size": 32, "num_workers": 0}
+    parser = ConfigParser()
+    parser.read_config([str(ROOT / "configs" / "train.json"), str(ROOT / "configs" / "lesion_free.json")])
+    parser.update(overrides)
+    dataset = parser.get_parsed_content("train#dataset")
+    labels = [record["label"] for record in dataset.data]
+    assert set(labels) == {0, 1}
+    lesion = dataset[labels.index(1)]
+    assert 0 < float(lesion["weight"].sum()) < lesion["weight"].numel() and "seg" not in lesion
+    assert all(record["label"] == 0 for record in parser.get_parsed_content("validate#dataset").data)
+    bundle("training", "['configs/train.json','configs/lesion_free.json']", "--datalist", str(root / "datalist.json"),
+           "--output_dir", str(tmp_path / "train"), "--ckpt_dir", str(tmp_path), "--max_epochs", "1",
+           "--val_interval", "1", "--discriminator_def#channels", "8")  # the same run from the command line
+    assert (tmp_path / "model.pt").is_file()
+
+
 def test_inference_writes_scores_and_heatmaps_on_the_input_grid(trained, tmp_path):
     root, datalist = trained
     out = tmp_path / "out"

@@ -143,8 +143,11 @@ def test_patch_cells_recover_the_patch_grid_of_a_heatmap_on_the_input_grid(tmp_p
 def test_compare_patch_protocol_balances_the_test_patches(tmp_path):
     generate_dataset(tmp_path / "data", n_cases=6, shape=(40, 40, 16), seed=3, abnormal_fraction=0.5)
     out = tmp_path / "out"
+    lesion_free = str(ROOT / "configs" / "lesion_free.json")
     compare.main(["--dataset", str(tmp_path / "data"), "--output", str(out), "--folds", "3", "--protocol", "patch",
-                  "--patch-brain-fraction", "0.5", "--methods", "patchgan_ranking,ocsvm", *TINY])
+                  "--patch-brain-fraction", "0.5", "--methods", "patchgan_ranking,ocsvm", "--train-config", lesion_free,
+                  *TINY])
+    assert lesion_free in (out / "comparison.md").read_text()  # the settings name the training override
     data = json.loads((out / "comparison.json").read_text())
     assert {"patchgan_ranking", "trivial_intensity", "trivial_position"} <= set(data) and "ocsvm" not in data
     assert "patch level" in (out / "comparison.md").read_text()

@@ -152,3 +152,19 @@ def test_monai_label_items_become_bundle_cases():
         {"image": "/studies/BRATS_007.nii.gz", "seg": "/studies/labels/final/BRATS_007.nii.gz", "case_id": "BRATS_007"},
         picture,
     ]
+
+
+def test_lesion_free_weights_zero_the_grown_lesion_and_default_to_ones():
+    from scripts.transforms import LesionFreeWeightd
+
+    seg = np.zeros((1, 8, 8), dtype=np.uint8)
+    seg[0, 3, 3] = 1
+    image = torch.rand(1, 8, 8)
+    exact = LesionFreeWeightd()({"image": image, "seg": seg})
+    assert "seg" not in exact and exact["weight"].shape == (1, 8, 8)
+    assert exact["weight"].sum() == 63 and exact["weight"][0, 3, 3] == 0
+    grown = LesionFreeWeightd(margin=1)({"image": image, "seg": seg})["weight"]
+    assert grown.sum() == 64 - 9 and torch.all(grown[0, 2:5, 2:5] == 0)
+    assert torch.all(LesionFreeWeightd()({"image": image})["weight"] == 1)
+    with pytest.raises(ValueError):
+        LesionFreeWeightd(margin=-1)
