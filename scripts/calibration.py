@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from scripts import io
-from scripts.inferer import SCORE_MAPS, PatchRankingInferer
+from scripts.inferer import CRITIC_MAPS, SCORE_MAPS, PatchRankingInferer
 
 
 @torch.no_grad()
@@ -32,7 +32,7 @@ def fit_normal_statistics(
     Each pixel's std is floored at ``min_std_fraction`` of the map's overall std, so that a pixel that is always
     background (std 0) cannot blow up the z-map.
     """
-    names = list(names or [n for n in SCORE_MAPS if n != "critic" or inferer.critic is not None])
+    names = list(names or [n for n in SCORE_MAPS if n not in CRITIC_MAPS or inferer.critic is not None])
     total: dict[str, torch.Tensor] = {}
     squares: dict[str, torch.Tensor] = {}
     count = 0
@@ -62,14 +62,19 @@ def save_normal_statistics(
     dataset: Iterable[dict[str, Any]],
     weights: str | Path | None = None,
     batch_size: int = 32,
+    critic_weights: str | Path | None = None,
 ) -> dict[str, dict[str, torch.Tensor]]:
     """Fit the statistics on a dataset of normal slice dicts (``image`` key) and save them atomically.
 
-    ``weights`` (e.g. the best checkpoint ``model.pt``) is loaded into ``network`` first, so the statistics
-    belong to the model that inference will use.
+    ``weights`` (e.g. the best checkpoint ``model.pt``) is loaded into ``network`` first, and the
+    ``discriminator`` of ``critic_weights`` (``checkpoint_best.pt``) into the inferer's critic, so the statistics
+    belong to the models that inference will use.
     """
     if weights:
         network.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    if critic_weights and inferer.critic is not None:
+        checkpoint = torch.load(critic_weights, map_location="cpu", weights_only=True)
+        inferer.critic.load_state_dict(checkpoint["discriminator"])
     device = next(network.parameters()).device
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
     stats = fit_normal_statistics(inferer, network, (batch["image"].to(device) for batch in loader))

@@ -149,8 +149,9 @@ def score(
     parser["bundle_root"] = override.pop("bundle_root", str(BUNDLE_ROOT))
     for key, value in override.items():
         parser[key] = value
-    if "critic" in parser.get_parsed_content("score_maps"):
-        raise ValueError("the 'critic' score map needs the discriminator, which is not exported; use 'squared' or 'ssim'")
+    if {"critic", "feature"} & set(parser.get_parsed_content("score_maps")):
+        raise ValueError("the 'critic' and 'feature' score maps need the discriminator, which is not exported; "
+                         "use 'squared' or 'ssim'")
     parser["imports"] = [item for item in parser["imports"] if item.strip() != MODEL_IMPORT]
     parser["network"] = {"_target_": "scripts.export.load_exported", "path": str(model), "device": "@device"}
     parser["network_def"] = parser["discriminator_def"] = parser["critic"] = None

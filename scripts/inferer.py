@@ -21,6 +21,7 @@ from scripts.scoring import (
     aggregate_slices,
     checkerboard_masks,
     critic_map,
+    feature_distance_map,
     patch_grid,
     pixel_errors,
     ranking_score,
@@ -30,7 +31,8 @@ from scripts.scoring import (
 from scripts.transforms import resize_slices, select_slices, slice_foreground
 
 TEST_INPUTS = ("inpaint", "image")
-SCORE_MAPS = ("squared", "ssim", "critic")
+SCORE_MAPS = ("squared", "ssim", "critic", "feature")
+CRITIC_MAPS = ("critic", "feature")  # the maps that need the trained discriminator
 
 
 @dataclass
@@ -69,9 +71,10 @@ class PatchRankingInferer(Inferer):
         slice_batch_size: slices per network call.
         amp: bf16 autocast on CUDA.
         score_maps: which per-pixel anomaly maps make the patch errors: ``squared`` reconstruction error (the
-            paper), ``ssim`` (1 - SSIM), ``critic`` (the PatchGAN critic's ``-logit`` on the input, needs
-            ``critic``). Several maps are standardised with ``normal_stats`` and averaged.
-        critic: the trained PatchGAN discriminator, for the ``critic`` map.
+            paper), ``ssim`` (1 - SSIM), ``critic`` (the PatchGAN critic's ``-logit`` on the input), ``feature``
+            (distance between the critic's feature maps of the input and of the reconstruction); the last two need
+            ``critic``. Several maps are standardised with ``normal_stats`` and averaged.
+        critic: the trained PatchGAN discriminator, for the ``critic`` and ``feature`` maps.
         normal_stats: per-pixel mean and std of each map on normal validation slices (a dict, or the path of the
             ``.pt`` file written by ``scripts.calibration``); when given, every map becomes a z-map: how unusual the
             error is for that place on normal data.
@@ -99,8 +102,8 @@ class PatchRankingInferer(Inferer):
         unknown = set(score_maps) - set(SCORE_MAPS)
         if unknown or not score_maps:
             raise ValueError(f"unknown score_maps {sorted(unknown)}: choose from {SCORE_MAPS}")
-        if "critic" in score_maps and critic is None:
-            raise ValueError("score_maps 'critic' needs the trained discriminator as `critic`")
+        if set(CRITIC_MAPS) & set(score_maps) and critic is None:
+            raise ValueError(f"score_maps {sorted(set(CRITIC_MAPS) & set(score_maps))} need the trained discriminator as `critic`")
         if len(score_maps) > 1 and not normal_stats:
             raise ValueError("combining several score_maps needs normal_stats to put them on one scale")
         if test_input not in TEST_INPUTS:
@@ -155,9 +158,12 @@ class PatchRankingInferer(Inferer):
                 maps[name] = pixel_errors(images, recon, region)
             elif name == "ssim":
                 maps[name] = ssim_error_map(images, recon, region)
-            else:
+            elif name == "critic":
                 logits = self._run(images, self.critic.to(images.device).eval())
                 maps[name] = critic_map(logits, tuple(images.shape[-2:]), region)
+            else:
+                size = tuple(images.shape[-2:])
+                maps[name] = feature_distance_map(self._critic_features(images), self._critic_features(recon), size, region)
         return maps
 
     def anomaly_map(self, images: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
@@ -186,6 +192,14 @@ class PatchRankingInferer(Inferer):
             for chunk in torch.split(images, self.slice_batch_size):
                 outputs.append(network(chunk).float())
         return torch.cat(outputs) if outputs else images.clone()
+
+    def _critic_features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The critic's intermediate feature maps of ``images``, computed in ``slice_batch_size`` chunks."""
+        critic = self.critic.to(images.device).eval()
+        use_amp = self.amp and images.device.type == "cuda"
+        with torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else nullcontext():
+            chunks = [critic.features(chunk) for chunk in torch.split(images, self.slice_batch_size)]
+        return [torch.cat([chunk[layer].float() for chunk in chunks]) for layer in range(len(chunks[0]))]
 
     def _region(self, slices: torch.Tensor) -> torch.Tensor:
         if self.foreground == "all":

@@ -58,6 +58,10 @@ class PatchCritic(PatchDiscriminator):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         return super().forward(x)[-1]
 
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The intermediate feature maps (every layer but the logits): what D has learned to look at."""
+        return super().forward(x)[:-1]
+
 
 def discriminator(in_channels: int = 1, channels: int = 64, num_layers: int = 3) -> nn.Module:
     """The PatchGAN critic D: image -> grid of real/fake logits, one per receptive-field patch.

@@ -99,6 +99,29 @@ def critic_map(logits: torch.Tensor, size: tuple[int, int], region: torch.Tensor
     return out if region is None else out * region.float()
 
 
+def feature_distance_map(
+    features: Sequence[torch.Tensor],
+    recon_features: Sequence[torch.Tensor],
+    size: tuple[int, int],
+    region: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Feature-space error: distance between a network's feature maps of the input and of its reconstruction.
+
+    At each location of each layer the feature vectors are unit-normalised over channels (so that no layer
+    dominates by its scale) and their squared distance (0 to 4) is taken; each layer's map is brought to ``size``
+    bilinearly and the layers are averaged: ``(N, 1, H, W)``. A texture the reconstructor renders differently but
+    that the critic finds equally normal costs little; a change of what is there costs a lot.
+    """
+    if len(features) != len(recon_features) or not features:
+        raise ValueError(f"need the same non-zero number of layers, got {len(features)} and {len(recon_features)}")
+    maps = []
+    for a, b in zip(features, recon_features):
+        distance = (F.normalize(a.float(), dim=1) - F.normalize(b.float(), dim=1)).pow(2).sum(1, keepdim=True)
+        maps.append(F.interpolate(distance, size=size, mode="bilinear", align_corners=False))
+    out = torch.stack(maps).mean(0)
+    return out if region is None else out * region.float()
+
+
 def standardise(error_map: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """How unusual each pixel's error is for that place on normal data: ``(e - mean) / std`` (a z-map)."""
     return (error_map - mean.to(error_map)) / (std.to(error_map) + eps)

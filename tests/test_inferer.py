@@ -120,3 +120,25 @@ def test_the_critic_map_scores_what_the_discriminator_finds_unreal():
     image[..., 8:12, 0:4] = 1.0
     scores = inferer.score(image, Identity())
     assert scores.patch_errors[0].argmax().item() == 8
+
+
+def test_the_feature_map_compares_critic_features_of_image_and_reconstruction():
+    from scripts.networks import discriminator
+
+    torch.manual_seed(0)
+    critic = discriminator(channels=8, num_layers=2)
+    inferer = PatchRankingInferer(image_size=16, patch_size=4, test_input="image", foreground="all",
+                                  score_maps=("feature",), critic=critic)
+    image = torch.rand(2, 1, 16, 16)
+    assert inferer.score(image, Identity()).patch_errors.abs().max().item() < 1e-6  # a perfect reconstruction
+
+    class DropsABlock(torch.nn.Module):
+        def forward(self, x):
+            out = x.clone()
+            out[..., 8:12, 0:4] = 0.0
+            return out
+
+    scores = inferer.score(image, DropsABlock())
+    assert scores.patch_errors[0].argmax().item() == 8 and scores.patch_errors[1].argmax().item() == 8
+    with pytest.raises(ValueError, match="feature"):
+        PatchRankingInferer(image_size=16, patch_size=4, score_maps=("feature",))

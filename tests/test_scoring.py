@@ -117,3 +117,21 @@ def test_standardise_gives_z_scores():
 
     z = standardise(torch.tensor([[[[3.0, 1.0]]]]), torch.tensor([[[[1.0, 1.0]]]]), torch.tensor([[[[2.0, 0.5]]]]), eps=0)
     assert z.flatten().tolist() == pytest.approx([1.0, 0.0])
+
+
+def test_feature_distance_is_scale_free_per_location_and_averaged_over_layers():
+    from scripts.scoring import feature_distance_map
+
+    a = torch.zeros(1, 2, 2, 2)
+    a[:, 0] = 1.0  # every location points along channel 0
+    b = a.clone() * 5.0  # same direction, another scale: no distance
+    b[0, :, 0, 0] = torch.tensor([0.0, 3.0])  # one location turned by 90 degrees: squared distance 2
+    one_layer = feature_distance_map([a], [b], (2, 2))
+    assert one_layer.flatten().tolist() == pytest.approx([2.0, 0.0, 0.0, 0.0])
+    two_layers = feature_distance_map([a, a], [b, a], (2, 2))  # the second layer agrees everywhere
+    assert two_layers.flatten().tolist() == pytest.approx([1.0, 0.0, 0.0, 0.0])
+    region = torch.tensor([[[[False, True], [True, True]]]])
+    assert feature_distance_map([a], [b], (2, 2), region).abs().sum() == 0
+    assert feature_distance_map([a], [b], (4, 4)).shape == (1, 1, 4, 4)
+    with pytest.raises(ValueError):
+        feature_distance_map([a, a], [b], (2, 2))
