@@ -3,13 +3,16 @@
 # docs/results.md. Every number there comes from this script.
 #   bash experiments/crossval.sh brats  ../shared/data/brats2013  runs/cv_brats
 #   bash experiments/crossval.sh isic   ../shared/data/isic2016   runs/cv_isic
-# Settings are scaled for 2 CPU cores (128 px FLAIR / 64 px dermoscopy, small channels): see SIZE below.
+# Settings are scaled for 2 CPU cores (128 px FLAIR / 64 px dermoscopy, small channels): see size below.
+# LESION_FREE=1 trains with configs/lesion_free.json (lesion pixels carry no loss; lesion slices/images join training).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . .venv/bin/activate
 modality=$1 data=$2 out=$3 folds=${FOLDS:-4} seed=${SEED:-0}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # two jobs side by side on 2 cores thrash with more threads
 mkdir -p "$out"
+train_extra=""
+if [ "${LESION_FREE:-0}" = 1 ]; then train_extra=",'configs/lesion_free.json'"; fi
 if [ "$modality" = brats ]; then
     configs="'configs/train.json'" infer="'configs/inference.json'"
     size=(--image_size 128 --patch_size 16 --max_epochs "${EPOCHS:-40}")
@@ -23,7 +26,7 @@ net=(--network_def#channels "[16, 32, 64, 128, 256]" --discriminator_def#channel
 for fold in $(seq 0 $((folds - 1))); do
     dir="$out/fold$fold"
     python -m scripts.datalist "${datalist_args[@]}" --folds "$folds" --fold "$fold" --seed "$seed" --output "$dir/datalist.json"
-    python -m monai.bundle run training --config_file "[$configs]" "${size[@]}" "${net[@]}" \
+    python -m monai.bundle run training --config_file "[$configs$train_extra]" "${size[@]}" "${net[@]}" \
         --batch_size 16 --learning_rate 0.0005 --val_interval 5 --seed "$seed" \
         --datalist "$dir/datalist.json" --output_dir "$dir/train" --ckpt_dir "$dir/models"
     common=("${size[@]}" "${net[@]}" --datalist "$dir/datalist.json" --ckpt_path "$dir/models/model.pt")
@@ -40,5 +43,7 @@ for fold in $(seq 0 $((folds - 1))); do
     variant critic --score_maps "['critic']" --overlay_slices 0
     variant zmap --score_maps "['squared']" --normal_stats "$dir/models/normal_stats.pt" --overlay_slices 0
     variant zmap_critic --score_maps "['squared', 'critic']" --normal_stats "$dir/models/normal_stats.pt" --overlay_slices 0
+    variant feature --score_maps "['feature']" --overlay_slices 0
+    variant zmap_feature --score_maps "['squared', 'feature']" --normal_stats "$dir/models/normal_stats.pt" --overlay_slices 0
 done
 python -m scripts.cv_summary "$out"
