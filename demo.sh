@@ -14,7 +14,7 @@ python -m monai.bundle run training --config_file "['configs/train.json','config
 python -m monai.bundle run run --config_file "['configs/inference.json','configs/demo.json']"
 # normal validation scores fix the operating threshold (no test label is used for it)
 python -m monai.bundle run run --config_file "['configs/inference.json','configs/demo.json']" \
-    --datalist_split validation --output_dir runs/demo/validation --write_heatmaps false
+    --datalist_split validation --output_dir runs/demo/validation --write_heatmaps False
 python -m scripts.evaluation --output-dir runs/demo --eval-dir runs/demo/evaluation \
     --validation-output-dir runs/demo/validation --datalist demo_data/datalist.json
 cat <<MSG

@@ -42,3 +42,13 @@ def test_network_matches_the_metadata_input_and_output_format():
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "verified with no error" in result.stdout + result.stderr
+
+
+def test_shipped_commands_pass_booleans_as_python_literals():
+    """``monai.bundle run`` reads ``false`` as a string, which the bundle refuses: scripts and docs say ``False``."""
+    import re
+
+    files = [ROOT / "demo.sh", *sorted((ROOT / "experiments").glob("*.sh")), ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    lowercase = re.compile(r"--[\w#]+\s+(true|false)\b")
+    offending = [f"{path.name}: {match.group(0)}" for path in files for match in lowercase.finditer(path.read_text())]
+    assert offending == []
