@@ -26,9 +26,11 @@ net=(--network_def#channels "[16, 32, 64, 128, 256]" --discriminator_def#channel
 for fold in $(seq 0 $((folds - 1))); do
     dir="$out/fold$fold"
     python -m scripts.datalist "${datalist_args[@]}" --folds "$folds" --fold "$fold" --seed "$seed" --output "$dir/datalist.json"
-    python -m monai.bundle run training --config_file "[$configs$train_extra]" "${size[@]}" "${net[@]}" \
-        --batch_size 16 --learning_rate 0.0005 --val_interval 5 --seed "$seed" \
-        --datalist "$dir/datalist.json" --output_dir "$dir/train" --ckpt_dir "$dir/models"
+    if [ ! -f "$dir/models/model.pt" ]; then  # a rerun only re-scores the models it already trained
+        python -m monai.bundle run training --config_file "[$configs$train_extra]" "${size[@]}" "${net[@]}" \
+            --batch_size 16 --learning_rate 0.0005 --val_interval 5 --seed "$seed" \
+            --datalist "$dir/datalist.json" --output_dir "$dir/train" --ckpt_dir "$dir/models"
+    fi
     common=("${size[@]}" "${net[@]}" --datalist "$dir/datalist.json" --ckpt_path "$dir/models/model.pt")
     variant() {  # name, extra inference overrides: test split and normal validation split (for thresholds)
         local name=$1; shift
@@ -36,9 +38,10 @@ for fold in $(seq 0 $((folds - 1))); do
         python -m monai.bundle run run --config_file "[$infer]" "${common[@]}" --output_dir "$dir/$name/validation" \
             --datalist_split validation --write_heatmaps False --overlay_slices 0 "$@"
     }
-    variant ranking
-    variant no_ranking --ranking False --overlay_slices 0
-    variant unmasked --test_input image --overlay_slices 0
+    variant ranking --score_maps "['squared']"
+    variant no_ranking --score_maps "['squared']" --ranking False --overlay_slices 0
+    variant unmasked --score_maps "['squared']" --test_input image --overlay_slices 0
+    variant ssim_no_ranking --score_maps "['ssim']" --ranking False --overlay_slices 0
     variant ssim --score_maps "['ssim']" --overlay_slices 0
     variant critic --score_maps "['critic']" --overlay_slices 0
     variant zmap --score_maps "['squared']" --normal_stats "$dir/models/normal_stats.pt" --overlay_slices 0
