@@ -30,6 +30,9 @@ for fold in $(seq 0 $((folds - 1))); do
         python -m monai.bundle run training --config_file "[$configs$train_extra]" "${size[@]}" "${net[@]}" \
             --batch_size 16 --learning_rate 0.0005 --val_interval 5 --seed "$seed" \
             --datalist "$dir/datalist.json" --output_dir "$dir/train" --ckpt_dir "$dir/models"
+    else  # refit the normal statistics with the current score-map code
+        python -m monai.bundle run calibrate --config_file "[$configs]" "${size[@]}" "${net[@]}" \
+            --datalist "$dir/datalist.json" --output_dir "$dir/train" --ckpt_dir "$dir/models"
     fi
     common=("${size[@]}" "${net[@]}" --datalist "$dir/datalist.json" --ckpt_path "$dir/models/model.pt")
     variant() {  # name, extra inference overrides: test split and normal validation split (for thresholds)

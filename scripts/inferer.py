@@ -71,7 +71,7 @@ class PatchRankingInferer(Inferer):
         slice_batch_size: slices per network call.
         amp: bf16 autocast on CUDA.
         score_maps: which per-pixel anomaly maps make the patch errors: ``squared`` reconstruction error (the
-            paper), ``ssim`` (1 - SSIM), ``critic`` (the PatchGAN critic's ``-logit`` on the input), ``feature``
+            paper), ``ssim`` (1 - SSIM), ``critic`` (the PatchGAN critic's ``1 - D`` on the input), ``feature``
             (distance between the critic's feature maps of the input and of the reconstruction); the last two need
             ``critic``. Several maps are standardised with ``normal_stats`` and averaged.
         critic: the trained PatchGAN discriminator, for the ``critic`` and ``feature`` maps.
@@ -138,8 +138,9 @@ class PatchRankingInferer(Inferer):
         resized = resize_slices(slices[valid], self.image_size)
         recon = self.reconstruct(resized, network)
         grid = patch_grid(self.anomaly_map(resized, recon), self.patch_size)
+        tissue = patch_grid(self._region(resized).float(), self.patch_size) > 0  # patches that touch the foreground
         scores = torch.full((len(slices),), float("nan"), device=slices.device)
-        scores[valid] = ranking_score(grid, self.weights).to(scores.dtype)
+        scores[valid] = ranking_score(grid, self.weights, tissue).to(scores.dtype)
         heat = torch.zeros((len(slices), 1, *slices.shape[-2:]), device=slices.device)
         heat[valid] = F.interpolate(grid.unsqueeze(1).float(), size=slices.shape[-2:], mode="nearest")
         heat = heat * region

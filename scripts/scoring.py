@@ -28,18 +28,26 @@ def patch_grid(error_map: torch.Tensor, patch_size: int) -> torch.Tensor:
     return F.avg_pool2d(error_map, kernel_size=patch_size, stride=patch_size).squeeze(1)
 
 
-def ranking_score(patch_errors: torch.Tensor, weights: Sequence[float] | None = PAPER_RANKING_WEIGHTS) -> torch.Tensor:
+def ranking_score(
+    patch_errors: torch.Tensor,
+    weights: Sequence[float] | None = PAPER_RANKING_WEIGHTS,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Targeted patch ranking: ``sum_i w_i * e_(i)`` over the patch errors sorted from high to low.
 
     ``weights`` gives one weight per top-ranked patch (the paper: 1.1 for the first, 1.0 for the next); patches
     beyond ``len(weights)`` do not count. ``weights=None`` is the paper's no-ranking ablation: the mean error
-    of all patches. Works on any ``(N, ...)`` grid; returns ``(N,)``.
+    of all patches. ``valid`` (same shape, boolean) keeps only some patches, e.g. those that touch the brain:
+    background patches then neither dilute the mean nor, for signed maps such as z-maps, outrank the tissue.
+    Works on any ``(N, ...)`` grid; returns ``(N,)``; a slice without a valid patch scores 0.
     """
     flat = patch_errors.flatten(1).float()
+    keep = torch.ones_like(flat, dtype=torch.bool) if valid is None else valid.flatten(1).bool()
     if weights is None:
-        return flat.mean(dim=1)
+        return (flat * keep).sum(1) / keep.sum(1).clamp_min(1)
     k = min(len(weights), flat.shape[1])
-    top = torch.topk(flat, k, dim=1).values
+    top = torch.topk(flat.masked_fill(~keep, float("-inf")), k, dim=1).values
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))  # fewer valid patches than weights
     w = torch.as_tensor(list(weights)[:k], dtype=top.dtype, device=top.device)
     return top @ w
 
@@ -93,9 +101,10 @@ def ssim_error_map(image: torch.Tensor, recon: torch.Tensor, region: torch.Tenso
 
 
 def critic_map(logits: torch.Tensor, size: tuple[int, int], region: torch.Tensor | None = None) -> torch.Tensor:
-    """The PatchGAN critic's judgement as a pixel map: ``-logit`` (less real = more anomalous), brought to
-    ``size`` bilinearly; ``(N, 1, h, w) -> (N, 1, H, W)``."""
-    out = F.interpolate(-logits.float(), size=size, mode="bilinear", align_corners=False)
+    """The PatchGAN critic's judgement as a pixel map: ``1 - D = sigmoid(-logit)``, the probability that the patch
+    is fake (as ALOCC's ``1 - D`` novelty score), in [0, 1] so that zero outside ``region`` means "surely real";
+    brought to ``size`` bilinearly: ``(N, 1, h, w) -> (N, 1, H, W)``."""
+    out = torch.sigmoid(F.interpolate(-logits.float(), size=size, mode="bilinear", align_corners=False))
     return out if region is None else out * region.float()
 
 

@@ -123,6 +123,20 @@ def test_lesion_free_training_uses_the_healthy_pixels_of_lesion_slices(trained, 
     assert (tmp_path / "model.pt").is_file()
 
 
+def test_calibrate_refits_the_normal_statistics_of_the_trained_models(trained, tmp_path):
+    root, _ = trained
+    models = tmp_path / "models"
+    shutil.copytree(root / "models", models)
+    (models / "normal_stats.pt").unlink()
+    bundle("calibrate", "train.json", "--datalist", str(root / "datalist.json"), "--output_dir", str(root / "train"),
+           "--ckpt_dir", str(models), "--discriminator_def#channels", "8")
+    refitted = torch.load(models / "normal_stats.pt", map_location="cpu")
+    original = torch.load(root / "models" / "normal_stats.pt", map_location="cpu")
+    for name, stats in original.items():
+        for key in ("mean", "std"):
+            torch.testing.assert_close(refitted[name][key], stats[key], rtol=1e-4, atol=1e-6)
+
+
 def test_inference_writes_scores_and_heatmaps_on_the_input_grid(trained, tmp_path):
     root, datalist = trained
     out = tmp_path / "out"

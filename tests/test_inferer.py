@@ -142,3 +142,10 @@ def test_the_feature_map_compares_critic_features_of_image_and_reconstruction():
     assert scores.patch_errors[0].argmax().item() == 8 and scores.patch_errors[1].argmax().item() == 8
     with pytest.raises(ValueError, match="feature"):
         PatchRankingInferer(image_size=16, patch_size=4, score_maps=("feature",))
+
+
+def test_background_patches_do_not_dilute_the_mean_patch_error():
+    inferer = PatchRankingInferer(image_size=16, patch_size=4, test_input="image", ranking=False)
+    image = torch.zeros(1, 1, 16, 16)
+    image[..., :4, :4] = 1.0  # the only foreground patch; Constant predicts 0.5 -> error 0.25 there
+    assert inferer.score(image, Constant()).slice_scores.item() == pytest.approx(0.25)  # not 0.25 / 16

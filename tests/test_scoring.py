@@ -1,5 +1,7 @@
 """The ranking arithmetic and patch-grid helpers on hand-made inputs."""
 
+import math
+
 import pytest
 import torch
 
@@ -103,13 +105,25 @@ def test_ssim_error_is_zero_for_a_perfect_reconstruction_and_grows_with_structur
     assert err.shape == image.shape and err.mean().item() > 0.1
 
 
-def test_critic_map_is_the_negative_logit_at_image_size():
+def test_critic_map_is_the_probability_of_fake_at_image_size():
     from scripts.scoring import critic_map
 
     logits = torch.tensor([[[[2.0, -1.0], [0.0, 0.0]]]])
     out = critic_map(logits, (4, 4))
     assert out.shape == (1, 1, 4, 4)
-    assert out[0, 0, 0, 0].item() == pytest.approx(-2.0) and out[0, 0, 0, 3].item() == pytest.approx(1.0)
+    assert out[0, 0, 0, 0].item() == pytest.approx(1 / (1 + math.exp(2.0)))  # confidently real: low
+    assert out[0, 0, 0, 3].item() == pytest.approx(1 / (1 + math.exp(-1.0)))  # judged fake: high
+    assert out[0, 0, 3, 0].item() == pytest.approx(0.5)
+
+
+def test_ranking_and_mean_use_only_the_valid_patches():
+    z = torch.tensor([[[-1.0, -2.0], [-0.5, 0.0]]])  # a signed (z-)map; the last patch is background
+    valid = torch.tensor([[[True, True], [True, False]]])
+    assert ranking_score(z, (1.1, 1.0), valid).item() == pytest.approx(1.1 * -0.5 + 1.0 * -1.0)
+    assert ranking_score(z, None, valid).item() == pytest.approx(-3.5 / 3)
+    one = torch.tensor([[[True, False], [False, False]]])
+    assert ranking_score(z, (1.1, 1.0), one).item() == pytest.approx(1.1 * -1.0)  # fewer patches than weights
+    assert ranking_score(z, None, torch.zeros_like(valid)).item() == 0.0
 
 
 def test_standardise_gives_z_scores():
