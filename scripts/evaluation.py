@@ -37,6 +37,7 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
@@ -275,7 +276,8 @@ def plot_roc(
     fig = _figure((5.6, 5.4))
     ax = fig.add_subplot()
     ax.plot([0, 1], [0, 1], linestyle=":", color="0.55", linewidth=1.2, label="chance (AUC = 0.500)")
-    for name, (labels, scores) in curves.items():
+    palette = colormaps["tab10" if len(curves) <= 10 else "tab20"].colors  # one colour per curve
+    for index, (name, (labels, scores)) in enumerate(curves.items()):
         labels, scores = _as_series(labels, scores)
         if len(np.unique(labels)) < 2:
             logger.warning("no ROC curve for %s: one class only", name)
@@ -284,6 +286,7 @@ def plot_roc(
         reference = name.startswith(TRIVIAL_PREFIX)
         (line,) = ax.plot(
             false_pos, true_pos, linewidth=1.4 if reference else 2.2, linestyle="--" if reference else "-",
+            color=palette[index % len(palette)],
             label=f"{name} (AUC = {roc_auc_score(labels, scores):.3f})",
         )
         if points and name in points:
