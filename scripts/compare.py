@@ -87,6 +87,7 @@ DISPLAY = {
     "trivial_intensity": "trivial: brightest foreground intensity",
     "trivial_position": "trivial: axial position",
     "trivial_darkness": "trivial: darkness",
+    "trivial_texture": "trivial: texture (intensity std, patch level)",
 }
 METRICS = ("auc", "ap", "sensitivity", "specificity")
 FULL_SIZE = 256  # the paper's image size (configs/train.json)
@@ -289,8 +290,9 @@ class PatchProtocol:
         return np.flatnonzero(np.diff(index, prepend=-1) > 0)
 
     def case_patches(self, item: Mapping[str, Any], heatmap: Path, slices: Sequence[int]) -> dict[str, np.ndarray]:
-        """Per patch of the given slices: ``slice``, ``cell``, ``score``, ``brain`` and ``lesion`` fractions and the
-        brightest foreground intensity, read on the case's own grid (RAS, as the inferer sliced it)."""
+        """Per patch of the given slices: ``slice``, ``cell``, ``score``, ``brain`` and ``lesion`` fractions and three
+        model-free references: the brightest foreground intensity, the darkness (1 - mean intensity) and the
+        texture (intensity standard deviation), read on the case's own grid (RAS, as the inferer sliced it)."""
         import nibabel as nib
         from PIL import Image
 
@@ -314,11 +316,15 @@ class PatchProtocol:
 
         area = pool(np.ones(heat.shape, dtype=np.float64), np.add)
         bright = np.where(brain[None], image, -np.inf).max(0)
+        grey = image.mean(0).astype(np.float64)
+        mean = pool(grey, np.add) / area
+        spread = np.sqrt(np.clip(pool(grey**2, np.add) / area - mean**2, 0, None))
         return {"slice": np.repeat(np.asarray(slices).reshape(-1), len(rows) * len(cols)),
                 "cell": np.tile(np.arange(len(rows) * len(cols)), len(slices)),
                 "score": pool(heat, np.maximum).ravel(), "brain": (pool(brain.astype(np.float64), np.add) / area).ravel(),
                 "lesion": (pool(lesion.astype(np.float64), np.add) / area).ravel(),
-                "intensity": pool(bright, np.maximum).ravel()}
+                "intensity": pool(bright, np.maximum).ravel(), "darkness": (1 - mean).ravel(),
+                "texture": spread.ravel()}
 
     def labels(self, patches: Mapping[str, np.ndarray]) -> np.ndarray:
         """0 normal, 1 abnormal, -1 left out."""
@@ -333,7 +339,8 @@ class PatchProtocol:
         False when the method wrote no heatmaps."""
         slices = read_scores(method_dir)[1]
         by_case = {item["case_id"]: item for item in items if item.get("seg")}
-        header = ["case_id", "slice_index", "score", "trivial_intensity", "trivial_position", "label"]
+        header = ["case_id", "slice_index", "score", "trivial_intensity", "trivial_position", "trivial_darkness",
+                  "trivial_texture", "label"]
         rows: list[list[Any]] = []
         for case_id in dict.fromkeys(slices["case_id"].tolist()):
             heat = [p for p in (method_dir / "heatmaps").glob(f"{case_id}_heatmap.*") if p.suffix in (".gz", ".png")]
@@ -346,7 +353,8 @@ class PatchProtocol:
             for i in np.flatnonzero(labels >= 0):
                 rows.append([f"{case_id}/{patches['slice'][i]}/{patches['cell'][i]}", int(patches["slice"][i]),
                              float(patches["score"][i]), float(patches["intensity"][i]),
-                             float(position[int(patches["slice"][i])]), int(labels[i])])
+                             float(position[int(patches["slice"][i])]), float(patches["darkness"][i]),
+                             float(patches["texture"][i]), int(labels[i])])
         if not rows:
             return False
         if balance:
@@ -488,7 +496,7 @@ def pooled_series(fold_dirs: Mapping[str, Path], methods: Sequence[str], first: 
     """Test scores of every method (and the trivial references) pooled over folds, each fold z-scored against
     its own normal validation scores (raw scores when the fold has no validation output)."""
     pooled: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
-    wanted = [(m, m, "score") for m in methods] + [(t, first, t) for t in (*TRIVIAL, "trivial_darkness")]
+    wanted = [(m, m, "score") for m in methods] + [(t, first, t) for t in (*TRIVIAL, "trivial_darkness", "trivial_texture")]
     for fold_dir in fold_dirs.values():
         for name, method, column in wanted:
             test = _series(fold_dir / method, column)

@@ -138,6 +138,11 @@ def test_patch_cells_recover_the_patch_grid_of_a_heatmap_on_the_input_grid(tmp_p
     assert patches["lesion"][16:].sum() * 10 * 9 == pytest.approx(lesion.sum())  # 40x36 in 4x4 patches of 10x9
     labels = protocol.labels(patches)
     assert set(labels.tolist()) <= {-1, 0, 1} and np.all(patches["lesion"][labels == 0] == 0)
+    from scripts.transforms import BrainPercentileNormalized
+
+    patch = BrainPercentileNormalized("image").normalise(ras["image"])[0][10:20, 18:27, 8]  # slice 8, cell 6
+    assert patches["darkness"][16 + 6] == pytest.approx(1 - patch.mean(), rel=1e-5)
+    assert patches["texture"][16 + 6] == pytest.approx(patch.std(), rel=1e-4)
 
 
 def test_compare_patch_protocol_balances_the_test_patches(tmp_path):
@@ -149,7 +154,8 @@ def test_compare_patch_protocol_balances_the_test_patches(tmp_path):
                   *TINY])
     assert lesion_free in (out / "comparison.md").read_text()  # the settings name the training override
     data = json.loads((out / "comparison.json").read_text())
-    assert {"patchgan_ranking", "trivial_intensity", "trivial_position"} <= set(data) and "ocsvm" not in data
+    assert {"patchgan_ranking", "trivial_intensity", "trivial_position", "trivial_darkness", "trivial_texture"} <= set(data)
+    assert "ocsvm" not in data
     assert "patch level" in (out / "comparison.md").read_text()
     for fold in ("fold_0", "fold_1", "fold_2"):
         rows = read_csv(out / fold / "patch" / "patchgan_ranking" / "slice_scores.csv")
