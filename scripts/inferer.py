@@ -185,11 +185,14 @@ class PatchRankingInferer(Inferer):
         recon = self._run(passes, network).view(len(masks), *images.shape)
         return (recon * masks.unsqueeze(1)).sum(0)
 
-    def _run(self, images: torch.Tensor, network: torch.nn.Module) -> torch.Tensor:
+    def _autocast(self, images: torch.Tensor) -> Any:
+        """bf16 autocast for network calls on CUDA when ``amp`` is set; otherwise nothing."""
         use_amp = self.amp and images.device.type == "cuda"
-        context = torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else nullcontext()
+        return torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else nullcontext()
+
+    def _run(self, images: torch.Tensor, network: torch.nn.Module) -> torch.Tensor:
         outputs = []
-        with context:
+        with self._autocast(images):
             for chunk in torch.split(images, self.slice_batch_size):
                 outputs.append(network(chunk).float())
         return torch.cat(outputs) if outputs else images.clone()
@@ -197,8 +200,7 @@ class PatchRankingInferer(Inferer):
     def _critic_features(self, images: torch.Tensor) -> list[torch.Tensor]:
         """The critic's intermediate feature maps of ``images``, computed in ``slice_batch_size`` chunks."""
         critic = self.critic.to(images.device).eval()
-        use_amp = self.amp and images.device.type == "cuda"
-        with torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else nullcontext():
+        with self._autocast(images):
             chunks = [critic.features(chunk) for chunk in torch.split(images, self.slice_batch_size)]
         return [torch.cat([chunk[layer].float() for chunk in chunks]) for layer in range(len(chunks[0]))]
 
