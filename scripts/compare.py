@@ -108,6 +108,7 @@ class Settings:
     num_workers: int = 0
     seed: int = 0
     fpr: float = 0.05
+    normal_stats: bool = False
     overrides: dict[str, Any] = field(default_factory=dict)
     extra_configs: list[str] = field(default_factory=list)
     train_configs: list[str] = field(default_factory=list)
@@ -256,6 +257,8 @@ def infer(method: str, fold: Fold, split: str, output: Path, ckpt: Path, setting
     }
     if model == "alocc":
         overrides["alocc_critic_path"] = str(ckpt / "checkpoint_best.pt")
+    if settings.normal_stats and model == "patchgan":  # the statistics the fold's own training fitted
+        overrides["normal_stats"] = str(ckpt / "normal_stats.pt")
     if model == "ocsvm":
         from scripts.baselines.ocsvm import INFERENCE_OVERRIDES
 
@@ -547,6 +550,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; 1 is faster on a busy CPU)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fpr", type=float, default=0.05, help="target false positive rate of the threshold")
+    parser.add_argument("--normal-stats", action="store_true",
+                        help="Patch-GAN methods score z-maps against the normal statistics their training fitted")
     parser.add_argument("--override", action="append", default=[], metavar="ID=VALUE",
                         help="config override for every run (VALUE as JSON when it parses), repeatable")
     parser.add_argument("--train-config", action="append", default=[], metavar="FILE",
@@ -603,7 +608,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
         val_interval=args.val_interval, batch_size=args.batch_size or small.get("batch_size"),
         channels=[int(c) for c in args.channels.split(",")] if args.channels else small.get("channels"),
         num_res_units=small.get("num_res_units"), learning_rate=small.get("learning_rate"),
-        num_workers=args.num_workers, seed=args.seed, fpr=args.fpr, overrides=dict(map(_override, args.override)),
+        num_workers=args.num_workers, seed=args.seed, fpr=args.fpr, normal_stats=args.normal_stats,
+        overrides=dict(map(_override, args.override)),
         extra_configs=["dermoscopy.json"] if described["layout"] == "images" else [],
         train_configs=[str(Path(c).resolve()) for c in args.train_config],
     )

@@ -162,3 +162,15 @@ def test_compare_patch_protocol_balances_the_test_patches(tmp_path):
         labels = [int(r["label"]) for r in rows]
         assert labels.count(0) == labels.count(1) > 0
         assert (out / fold / "patch" / "patchgan_ranking" / "validation" / "slice_scores.csv").is_file()
+
+
+def test_normal_stats_flag_points_patchgan_inference_at_its_own_statistics(monkeypatch, tmp_path):
+    seen: dict = {}
+    monkeypatch.setattr(compare, "run_bundle", lambda run_id, configs, overrides: seen.update(overrides))
+    fold = compare.Fold("fold_0", tmp_path, tmp_path / "datalist.json")
+    settings = compare.Settings(normal_stats=True)
+    compare.infer("patchgan_ranking", fold, "testing", tmp_path / "out", tmp_path / "models", settings, heatmaps=False)
+    assert seen["normal_stats"] == str(tmp_path / "models" / "normal_stats.pt")
+    seen.clear()
+    compare.infer("ae", fold, "testing", tmp_path / "out", tmp_path / "models", settings, heatmaps=False)
+    assert "normal_stats" not in seen  # only the Patch-GAN training fits them
