@@ -158,10 +158,15 @@ def inference_items(
         return load_datalist_dict(build_datalist(path, val_fraction=0.0, test_fraction=0.0), split=None)
     if not path.exists():
         raise InputError(f"{path}: no such file or folder to score")
-    name = path.name
-    for suffix in (".nii.gz", path.suffix):
+    return [{"case_id": file_case_id(path), "image": str(path.resolve())}]
+
+
+def file_case_id(path: str | os.PathLike) -> str:
+    """A case id for a lone image file: its name without the extension (``.nii.gz`` counts as one)."""
+    name = Path(path).name
+    for suffix in (".nii.gz", Path(name).suffix):
         name = name.removesuffix(suffix)
-    return [{"case_id": name, "image": str(path.resolve())}]
+    return name
 
 
 def _root_message(error: BaseException) -> str:
@@ -198,10 +203,7 @@ def case_items(items: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         if isinstance(label, (str, os.PathLike)) and not str(label).strip().lstrip("-").isdigit():
             case["seg"] = str(case.pop("label"))
         if "case_id" not in case:
-            name = Path(str(case["image"])).name
-            for suffix in (".nii.gz", Path(name).suffix):
-                name = name.removesuffix(suffix)
-            case["case_id"] = name
+            case["case_id"] = file_case_id(case["image"])
         out.append(case)
     return out
 
