@@ -7,8 +7,8 @@ cd "$(dirname "$0")"
 bash install.sh
 . .venv/bin/activate
 export PYTHONUNBUFFERED=1
-python -m scripts.synthetic --output demo_data/synthetic --cases 16 --seed 0
-python -m scripts.datalist --dataset-dir demo_data/synthetic --output demo_data/datalist.json --seed 0 \
+python -m scripts.data.synthetic --output demo_data/synthetic --cases 16 --seed 0
+python -m scripts.data.datalist --dataset-dir demo_data/synthetic --output demo_data/datalist.json --seed 0 \
     --val-fraction 0.25 --test-fraction 0.25
 python -m monai.bundle run training --config_file "['configs/train.json','configs/demo.json']"
 python -m monai.bundle run run --config_file "['configs/inference.json','configs/demo.json']"

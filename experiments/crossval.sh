@@ -22,10 +22,10 @@ else
     size=(--image_size 64 --patch_size 8 --max_epochs "${EPOCHS:-20}")
     datalist_args=(--dataset-dir "$data/train" --labels-csv "$data/train_labels.csv" --masks-dir "$data/train_masks")
 fi
-net=(--network_def#channels "[16, 32, 64, 128, 256]" --discriminator_def#channels 32 --num_workers 0)
+net=(--network_def#channels "[16, 32, 64, 128, 256]" --critic_def#channels 32 --num_workers 0)
 for fold in $(seq 0 $((folds - 1))); do
     dir="$out/fold$fold"
-    python -m scripts.datalist "${datalist_args[@]}" --folds "$folds" --fold "$fold" --seed "$seed" --output "$dir/datalist.json"
+    python -m scripts.data.datalist "${datalist_args[@]}" --folds "$folds" --fold "$fold" --seed "$seed" --output "$dir/datalist.json"
     if [ ! -f "$dir/models/model.pt" ]; then  # a rerun only re-scores the models it already trained
         python -m monai.bundle run training --config_file "[$configs$train_extra]" "${size[@]}" "${net[@]}" \
             --batch_size 16 --learning_rate 0.0005 --val_interval 5 --seed "$seed" \
@@ -52,4 +52,4 @@ for fold in $(seq 0 $((folds - 1))); do
     variant feature --score_maps "['feature']" --overlay_slices 0
     variant zmap_feature --score_maps "['squared', 'feature']" --normal_stats "$dir/models/normal_stats.pt" --overlay_slices 0
 done
-python -m scripts.cv_summary "$out"
+python -m experiments.cv_summary "$out"

@@ -38,7 +38,7 @@ HERE = Path(__file__).resolve().parent
 TINY = {
     "image_size": 32, "patch_size": 8, "batch_size": 8, "num_workers": 0,
     "network_def": {"channels": [8, 16, 32], "strides": [2, 2], "num_res_units": 1},
-    "discriminator_def": {"channels": 8},
+    "critic_def": {"channels": 8},
 }
 ATOL = 1e-4
 
@@ -92,7 +92,7 @@ def make_studies(bundle: Path, studies: Path, n_cases: int) -> dict:
     source = studies.parent / "synthetic"
     code = (
         "import sys; sys.path.insert(0, sys.argv[1]); from pathlib import Path;"
-        "from scripts.synthetic import generate_dataset;"
+        "from scripts.data.synthetic import generate_dataset;"
         "generate_dataset(Path(sys.argv[2]), n_cases=int(sys.argv[3]), shape=(40, 40, 16), seed=5, abnormal_fraction=0.5)"
     )
     subprocess.run([sys.executable, "-c", code, str(bundle), str(source), str(n_cases)], check=True, cwd=bundle)
@@ -202,6 +202,8 @@ def stop(server: subprocess.Popen) -> None:
 
 
 def main() -> int:
+    """The five steps of the module docstring in order; one function so that the server's lifetime (started,
+    always stopped in ``finally``) encloses every request in plain sight."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle-root", type=Path, default=HERE.parent)
     parser.add_argument("--work", type=Path, default=HERE / "work", help="working folder (emptied first)")

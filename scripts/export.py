@@ -8,10 +8,10 @@ PyTorch with onnxruntime.
 
 Scoring re-implements nothing: ``load_exported`` gives a module that runs the exported file (``torch.jit`` for
 ``.ts``, onnxruntime for ``.onnx``); the bundle's ``PatchRankingInferer`` feeds it the in-painting passes
-(``scripts.scoring.checkerboard_masks``) and turns its reconstructions into patch errors, ranked scores and
+(``scripts.scoring.patches.checkerboard_masks``) and turns its reconstructions into patch errors, ranked scores and
 heatmaps with the ``scripts.scoring`` functions, exactly as for the PyTorch network. ``score`` runs the bundle's
 inference workflow (``configs/inference.json``: same preprocessing, inferer and output files) with the exported
-file in place of ``network_def`` and its checkpoint; ``scripts.networks`` is not imported.
+file in place of ``network_def`` and its checkpoint; ``scripts.model.networks`` is not imported.
 
 CLI::
 
@@ -22,7 +22,7 @@ CLI::
         --output_dir out [overrides, e.g. --image_size 256 --ranking False]
 
 Overrides are config ids, as for ``monai.bundle run``; scoring needs the ``image_size``/``patch_size`` the model
-was trained with (and ``in_channels`` for ONNX export). The ``critic`` score map needs the discriminator, which is
+was trained with (and ``in_channels`` for ONNX export). The ``critic`` score map needs the critic, which is
 not exported: use the squared or SSIM maps with an exported reconstructor.
 """
 
@@ -37,9 +37,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from scripts.config import bundle_parser
+
 ONNX_INPUT, ONNX_OUTPUT = "image", "pred"
 ONNX_OPSET = 17
-MODEL_IMPORT = "$import scripts.networks"
+MODEL_IMPORT = "$import scripts.model.networks"
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -82,18 +84,6 @@ def load_exported(path: str | os.PathLike, device: torch.device | str = "cpu") -
     return module
 
 
-def _read_parser(config_file: str | Sequence[str], meta_file: str | None, override: dict[str, Any]) -> Any:
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config(config_file)
-    if meta_file:
-        parser.read_meta(meta_file)
-    for key, value in override.items():
-        parser[key] = value
-    return parser
-
-
 def onnx_export(
     filepath: str | os.PathLike = "models/model.onnx",
     ckpt_file: str | os.PathLike = "models/model.pt",
@@ -111,7 +101,7 @@ def onnx_export(
     """
     from monai.bundle import onnx_export as monai_onnx_export
 
-    parser = _read_parser(config_file, meta_file, override)
+    parser = bundle_parser(config_file, override, meta_file)
     size, channels = int(parser.get_parsed_content("image_size")), int(parser.get_parsed_content("in_channels"))
     dynamic = {ONNX_INPUT: {0: "batch"}, ONNX_OUTPUT: {0: "batch"}}
     converter_kwargs = {
@@ -134,7 +124,7 @@ def score(
     **override: Any,
 ) -> None:
     """Run the bundle's inference workflow with the exported ``model`` as the network (no ``network_def``, no
-    checkpoint, ``scripts.networks`` never imported); every other config id can be overridden as usual.
+    checkpoint, ``scripts.model.networks`` never imported); every other config id can be overridden as usual.
 
     ``config_file`` defaults to this bundle's ``configs/inference.json`` (add e.g. ``configs/dermoscopy.json``
     as a list, as for ``monai.bundle run``).
@@ -150,11 +140,11 @@ def score(
     for key, value in override.items():
         parser[key] = value
     if {"critic", "feature"} & set(parser.get_parsed_content("score_maps")):
-        raise ValueError("the 'critic' and 'feature' score maps need the discriminator, which is not exported; "
+        raise ValueError("the 'critic' and 'feature' score maps need the critic, which is not exported; "
                          "use 'squared' or 'ssim'")
     parser["imports"] = [item for item in parser["imports"] if item.strip() != MODEL_IMPORT]
     parser["network"] = {"_target_": "scripts.export.load_exported", "path": str(model), "device": "@device"}
-    parser["network_def"] = parser["discriminator_def"] = parser["critic"] = None
+    parser["network_def"] = parser["critic_def"] = parser["critic"] = None
     for index, handler in enumerate(parser["handlers"]):
         if handler.get("_target_", "").endswith("CheckpointLoader") and "model" in handler.get("load_dict", {}):
             parser[f"handlers#{index}#_disabled_"] = True

@@ -15,17 +15,18 @@ from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import OneClassSVM
 
-from scripts import compare
+from experiments.compare.folds import Fold
+from experiments.compare.runs import METHODS, Settings, infer, train_model
 from scripts.baselines.alocc import ALOCCInferer
 from scripts.baselines.ocsvm import KernelOCSVM, PixelOCSVM
 from scripts.baselines.ocsvm_guided import GuidedReconstructionLoss, LatentAutoEncoder
 from scripts.baselines.ocsvm_layer import fit_latent_ocsvm
-from scripts.datalist import build_datalist
-from scripts.synthetic import generate_dataset
+from scripts.data.datalist import build_datalist
+from scripts.data.synthetic import generate_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 SLICE_HEADER = ["case_id", "slice_index", "score", "trivial_intensity", "trivial_position"]
-TINY = compare.Settings(image_size=32, patch_size=8, max_epochs=1, batch_size=8, channels=[8, 16, 32],
+TINY = Settings(image_size=32, patch_size=8, max_epochs=1, batch_size=8, channels=[8, 16, 32],
                         overrides={"network_def#num_res_units": 1, "min_lesion_voxels": 5})
 
 
@@ -119,18 +120,18 @@ def tiny(tmp_path_factory):
     datalist = build_datalist(root / "data", val_fraction=0.25, test_fraction=0.25, seed=0)
     (root / "fold").mkdir()
     (root / "fold" / "datalist.json").write_text(json.dumps(datalist))
-    return compare.Fold("fold", root / "fold", root / "fold" / "datalist.json"), datalist
+    return Fold("fold", root / "fold", root / "fold" / "datalist.json"), datalist
 
 
-@pytest.mark.parametrize("method", list(compare.METHODS))
+@pytest.mark.parametrize("method", list(METHODS))
 def test_each_method_trains_one_epoch_and_scores_the_test_cases(tiny, method):
     fold, datalist = tiny
-    model = compare.METHODS[method][0]
+    model = METHODS[method][0]
     torch.set_num_threads(1)
-    ckpt = compare.train_model(model, fold, fold.folder / model, TINY)
+    ckpt = train_model(model, fold, fold.folder / model, TINY)
     assert (ckpt / "model.pt").is_file()
     out = fold.folder / method / "test"
-    compare.infer(method, fold, "testing", out, ckpt, TINY, heatmaps=True)
+    infer(method, fold, "testing", out, ckpt, TINY, heatmaps=True)
     rows = read_csv(out / "slice_scores.csv")
     assert list(rows[0])[:5] == SLICE_HEADER
     assert {r["case_id"] for r in rows} == {item["case_id"] for item in datalist["testing"]}
@@ -151,7 +152,7 @@ def test_alocc_config_runs_from_the_command_line(tiny, tmp_path):
     fold, datalist = tiny
     tiny_args = ["--image_size", "32", "--patch_size", "8", "--batch_size", "8", "--num_workers", "0",
                  "--network_def#channels", "[8, 16, 32]", "--network_def#strides", "[2, 2]",
-                 "--network_def#num_res_units", "1", "--discriminator_def#channels", "[8, 16]"]
+                 "--network_def#num_res_units", "1", "--critic_def#channels", "[8, 16]"]
 
     def bundle(run_id, config, *args):
         cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file",

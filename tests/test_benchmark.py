@@ -10,9 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from scripts.benchmark import _child_argv, compare_paths, cpu_bf16, phantom_slices
-from scripts.inferer import PatchRankingInferer
-from scripts.networks import reconstructor
+from experiments.benchmark.__main__ import _child_argv
+from experiments.benchmark.common import cpu_bf16
+from experiments.benchmark.data import phantom_slices
+from experiments.benchmark.model import compare_paths
+from scripts.model.networks import reconstructor
+from scripts.scoring.inferer import PatchRankingInferer
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_NET = {"channels": (8, 16, 32), "strides": (2, 2), "num_res_units": 1}
@@ -20,10 +23,10 @@ TINY_NET = {"channels": (8, 16, 32), "strides": (2, 2), "num_res_units": 1}
 
 def test_quick_run_prints_json_with_every_section(tmp_path):
     start = time.perf_counter()
-    cmd = [sys.executable, "-m", "scripts.benchmark", "--quick", "--json", str(tmp_path / "bench.json"),
+    cmd = [sys.executable, "-m", "experiments.benchmark", "--quick", "--json", str(tmp_path / "bench.json"),
            "--data-dir", str(tmp_path / "volumes")]
     (tmp_path / "volumes").mkdir()
-    from scripts.synthetic import generate_dataset
+    from scripts.data.synthetic import generate_dataset
 
     generate_dataset(tmp_path / "volumes", n_cases=2, shape=(48, 48, 16), seed=1)
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from scripts.datalist import build_datalist
-from scripts.synthetic import generate_dataset
+from scripts.data.datalist import build_datalist
+from scripts.data.synthetic import generate_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -45,7 +45,7 @@ def trained(tmp_path_factory):
     (root / "datalist.json").write_text(json.dumps(datalist))
     args = ["--datalist", str(root / "datalist.json"), "--output_dir", str(root / "train"),
             "--ckpt_dir", str(root / "models"), "--max_epochs", "2", "--val_interval", "1",
-            "--discriminator_def#channels", "8"]
+            "--critic_def#channels", "8"]
     bundle("training", "train.json", *args)
     return root, datalist
 
@@ -55,7 +55,7 @@ def test_training_writes_best_and_final_checkpoints(trained):
     models = root / "models"
     assert (models / "model.pt").exists() and (models / "checkpoint_final.pt").exists()
     best = torch.load(models / "checkpoint_best.pt", map_location="cpu")
-    assert {"network", "discriminator", "g_optimizer", "d_optimizer"} <= set(best)
+    assert {"network", "critic", "optimizer", "critic_optimizer"} <= set(best)
     final = torch.load(models / "checkpoint_final.pt", map_location="cpu")
     assert final["trainer"]["iteration"] == 2 * final["trainer"]["epoch_length"]
     assert (root / "train" / "slice_cache").is_dir() and any((root / "train" / "slice_cache").iterdir())
@@ -67,11 +67,11 @@ def test_a_fixed_seed_gives_a_reproducible_run(trained, tmp_path):
     root, _ = trained
     args = ["--datalist", str(root / "datalist.json"), "--output_dir", str(tmp_path / "train"),
             "--ckpt_dir", str(tmp_path), "--max_epochs", "2", "--val_interval", "1",
-            "--discriminator_def#channels", "8"]
+            "--critic_def#channels", "8"]
     bundle("training", "train.json", *args)
     first = torch.load(root / "models" / "checkpoint_final.pt", map_location="cpu")
     second = torch.load(tmp_path / "checkpoint_final.pt", map_location="cpu")
-    for key in ("network", "discriminator"):
+    for key in ("network", "critic"):
         for name, value in first[key].items():
             torch.testing.assert_close(second[key][name], value, rtol=0, atol=0)
 
@@ -80,7 +80,7 @@ def test_training_resumes_from_the_final_checkpoint(trained, tmp_path):
     root, _ = trained
     args = ["--datalist", str(root / "datalist.json"), "--output_dir", str(root / "train"),
             "--ckpt_dir", str(tmp_path), "--max_epochs", "3", "--val_interval", "1",
-            "--discriminator_def#channels", "8", "--resume_from", str(root / "models" / "checkpoint_final.pt")]
+            "--critic_def#channels", "8", "--resume_from", str(root / "models" / "checkpoint_final.pt")]
     result = bundle("training", "train.json", *args)
     final = torch.load(tmp_path / "checkpoint_final.pt", map_location="cpu")
     assert final["trainer"]["iteration"] == 3 * final["trainer"]["epoch_length"]
@@ -92,7 +92,7 @@ def test_fine_tuning_starts_from_published_reconstructor_weights(trained, tmp_pa
     root, _ = trained
     args = ["--datalist", str(root / "datalist.json"), "--output_dir", str(tmp_path / "train"),
             "--ckpt_dir", str(tmp_path), "--max_epochs", "1", "--val_interval", "1", "--learning_rate", "0.0",
-            "--discriminator_def#channels", "8", "--init_from", str(root / "models" / "model.pt")]
+            "--critic_def#channels", "8", "--init_from", str(root / "models" / "model.pt")]
     bundle("training", "train.json", *args)
     published = torch.load(root / "models" / "model.pt", map_location="cpu")
     tuned = torch.load(tmp_path / "checkpoint_final.pt", map_location="cpu")
@@ -119,7 +119,7 @@ def test_lesion_free_training_uses_the_healthy_pixels_of_lesion_slices(trained, 
     assert all(record["label"] == 0 for record in parser.get_parsed_content("validate#dataset").data)
     bundle("training", "['configs/train.json','configs/lesion_free.json']", "--datalist", str(root / "datalist.json"),
            "--output_dir", str(tmp_path / "train"), "--ckpt_dir", str(tmp_path), "--max_epochs", "1",
-           "--val_interval", "1", "--discriminator_def#channels", "8")  # the same run from the command line
+           "--val_interval", "1", "--critic_def#channels", "8")  # the same run from the command line
     assert (tmp_path / "model.pt").is_file()
 
 
@@ -129,7 +129,7 @@ def test_calibrate_refits_the_normal_statistics_of_the_trained_models(trained, t
     shutil.copytree(root / "models", models)
     (models / "normal_stats.pt").unlink()
     bundle("calibrate", "train.json", "--datalist", str(root / "datalist.json"), "--output_dir", str(root / "train"),
-           "--ckpt_dir", str(models), "--discriminator_def#channels", "8")
+           "--ckpt_dir", str(models), "--critic_def#channels", "8")
     refitted = torch.load(models / "normal_stats.pt", map_location="cpu")
     original = torch.load(root / "models" / "normal_stats.pt", map_location="cpu")
     for name, stats in original.items():
@@ -163,7 +163,7 @@ def test_critic_and_normal_statistics_scoring_runs_through_the_same_workflow(tra
     bundle("run", "inference.json", "--datalist", str(root / "datalist.json"), "--output_dir", str(out),
            "--ckpt_path", str(root / "models" / "model.pt"), "--score_maps", "['squared', 'critic']",
            "--normal_stats", str(root / "models" / "normal_stats.pt"), "--overlay_slices", "0",
-           "--discriminator_def#channels", "8")
+           "--critic_def#channels", "8")
     rows = read_csv(out / "scores.csv")
     assert len(rows) == len(datalist["testing"]) and all(np.isfinite(float(r["score"])) for r in rows)
 
@@ -222,7 +222,7 @@ def test_two_dimensional_rgb_images_train_and_score(tmp_path):
     (tmp_path / "datalist.json").write_text(json.dumps(datalist))
     common = ["--datalist", str(tmp_path / "datalist.json"), "--output_dir", str(tmp_path / "out")]
     bundle("training", "['configs/train.json','configs/dermoscopy.json']", *common, "--ckpt_dir", str(tmp_path / "m"),
-           "--max_epochs", "1", "--val_interval", "1", "--discriminator_def#channels", "8")
+           "--max_epochs", "1", "--val_interval", "1", "--critic_def#channels", "8")
     bundle("run", "['configs/inference.json','configs/dermoscopy.json']", *common,
            "--ckpt_path", str(tmp_path / "m" / "model.pt"))
     rows = read_csv(tmp_path / "out" / "scores.csv")

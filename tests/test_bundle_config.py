@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from monai.bundle import ConfigWorkflow
 
-from scripts.datalist import build_datalist
-from scripts.synthetic import generate_dataset
+from scripts.data.datalist import build_datalist
+from scripts.data.synthetic import generate_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 

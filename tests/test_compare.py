@@ -11,8 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from scripts import compare
-from scripts.synthetic import generate_dataset
+from experiments.compare import runs
+from experiments.compare.__main__ import main
+from experiments.compare.folds import Fold
+from experiments.compare.report import aggregate
+from experiments.compare.runs import Settings, infer
+from scripts.data.synthetic import generate_dataset
+from scripts.evaluation.patch_protocol import PatchProtocol
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED = ("patchgan_ranking", "patchgan_no_ranking", "ae", "ocsvm", "alocc", "ocsvm_guided",
@@ -34,7 +39,7 @@ def test_aggregate_gives_mean_and_sample_std_over_folds_and_skips_undefined_fold
         "fold_1": {"ae": {"auc": 0.8, "ap": 0.7, "sensitivity": 0.4, "specificity": 1.0, "case": {"auc": 1.0, "ap": 1.0}}},
         "fold_2": {"ae": {"auc": math.nan, "ap": math.nan, "sensitivity": math.nan, "specificity": 0.8}},
     }
-    summary = compare.aggregate(per_fold)["ae"]
+    summary = aggregate(per_fold)["ae"]
     assert summary["auc"] == pytest.approx(0.7) and summary["auc_std"] == pytest.approx(np.std([0.6, 0.8], ddof=1))
     assert summary["n_folds"] == 2 and summary["specificity"] == pytest.approx(0.9)
     assert summary["case"]["auc"] == 1.0 and math.isnan(summary["case"]["auc_std"])
@@ -49,7 +54,7 @@ def read_csv(path: Path) -> list[dict]:
 def test_compare_trains_every_method_and_writes_the_comparison(tmp_path):
     generate_dataset(tmp_path / "data", n_cases=8, shape=(40, 40, 16), seed=3, abnormal_fraction=0.5)
     out = tmp_path / "out"
-    summary = compare.main(["--dataset", str(tmp_path / "data"), "--output", str(out), "--folds", "3", *TINY])
+    summary = main(["--dataset", str(tmp_path / "data"), "--output", str(out), "--folds", "3", *TINY])
     data = json.loads((out / "comparison.json").read_text())
     assert set(REQUIRED) <= set(data) and set(data) == set(summary)
     for method in REQUIRED:
@@ -76,7 +81,7 @@ def test_compare_trains_on_one_folder_and_tests_on_another(tmp_path):
     generate_dataset(tmp_path / "a", n_cases=6, shape=(40, 40, 16), seed=1, abnormal_fraction=0.5)
     generate_dataset(tmp_path / "b", n_cases=4, shape=(40, 40, 16), seed=2, abnormal_fraction=0.5)
     out = tmp_path / "out"
-    compare.main(["--train", str(tmp_path / "a"), "--test", str(tmp_path / "b"), "--output", str(out),
+    main(["--train", str(tmp_path / "a"), "--test", str(tmp_path / "b"), "--output", str(out),
                   "--methods", "patchgan_ranking,ocsvm", *TINY])
     data = json.loads((out / "comparison.json").read_text())
     assert {"patchgan_ranking", "ocsvm", "trivial_intensity"} <= set(data)
@@ -89,9 +94,9 @@ def test_compare_trains_on_one_folder_and_tests_on_another(tmp_path):
 
 def test_bad_arguments_are_refused(tmp_path):
     with pytest.raises(SystemExit):
-        compare.main(["--output", str(tmp_path)])
+        main(["--output", str(tmp_path)])
     with pytest.raises(SystemExit):
-        compare.main(["--dataset", str(tmp_path), "--output", str(tmp_path), "--methods", "ae,unknown"])
+        main(["--dataset", str(tmp_path), "--output", str(tmp_path), "--methods", "ae,unknown"])
 
 
 def test_evaluate_config_wraps_the_evaluation(tmp_path):
@@ -118,9 +123,8 @@ def test_patch_cells_recover_the_patch_grid_of_a_heatmap_on_the_input_grid(tmp_p
     import nibabel as nib
     import torch.nn.functional as F
 
-    from scripts.handlers import to_original_grid
-    from scripts.io import save_nifti_atomic
-    from scripts.transforms import LoadCased
+    from scripts.data.io import save_nifti_atomic
+    from scripts.data.transforms import LoadCased, to_original_grid
 
     generate_dataset(tmp_path / "data", n_cases=2, shape=(40, 36, 16), seed=3, abnormal_fraction=1.0)
     case = tmp_path / "data" / "SYN_001"  # stored LPS
@@ -130,7 +134,7 @@ def test_patch_cells_recover_the_patch_grid_of_a_heatmap_on_the_input_grid(tmp_p
     heat = F.interpolate(grid, size=(40, 36), mode="nearest")[:, 0].permute(1, 2, 0).numpy()  # (H, W, D) in RAS
     affine = nib.load(item["image"]).affine
     save_nifti_atomic(to_original_grid(heat, affine).astype(np.float32), affine, tmp_path / "heat.nii.gz")
-    protocol = compare.PatchProtocol(grid=4, brain_fraction=0.5, lesion_fraction=0.05)
+    protocol = PatchProtocol(grid=4, brain_fraction=0.5, lesion_fraction=0.05)
     patches = protocol.case_patches(item, tmp_path / "heat.nii.gz", [5, 8])
     np.testing.assert_allclose(patches["score"], grid[[5, 8]].flatten().numpy(), rtol=1e-6)
     assert patches["slice"].tolist() == [5] * 16 + [8] * 16 and patches["cell"].tolist() == list(range(16)) * 2
@@ -138,7 +142,7 @@ def test_patch_cells_recover_the_patch_grid_of_a_heatmap_on_the_input_grid(tmp_p
     assert patches["lesion"][16:].sum() * 10 * 9 == pytest.approx(lesion.sum())  # 40x36 in 4x4 patches of 10x9
     labels = protocol.labels(patches)
     assert set(labels.tolist()) <= {-1, 0, 1} and np.all(patches["lesion"][labels == 0] == 0)
-    from scripts.transforms import BrainPercentileNormalized
+    from scripts.data.transforms import BrainPercentileNormalized
 
     patch = BrainPercentileNormalized("image").normalise(ras["image"])[0][10:20, 18:27, 8]  # slice 8, cell 6
     assert patches["darkness"][16 + 6] == pytest.approx(1 - patch.mean(), rel=1e-5)
@@ -149,7 +153,7 @@ def test_compare_patch_protocol_balances_the_test_patches(tmp_path):
     generate_dataset(tmp_path / "data", n_cases=6, shape=(40, 40, 16), seed=3, abnormal_fraction=0.5)
     out = tmp_path / "out"
     lesion_free = str(ROOT / "configs" / "lesion_free.json")
-    compare.main(["--dataset", str(tmp_path / "data"), "--output", str(out), "--folds", "3", "--protocol", "patch",
+    main(["--dataset", str(tmp_path / "data"), "--output", str(out), "--folds", "3", "--protocol", "patch",
                   "--patch-brain-fraction", "0.5", "--methods", "patchgan_ranking,ocsvm", "--train-config", lesion_free,
                   *TINY])
     assert lesion_free in (out / "comparison.md").read_text()  # the settings name the training override
@@ -166,11 +170,11 @@ def test_compare_patch_protocol_balances_the_test_patches(tmp_path):
 
 def test_normal_stats_flag_points_patchgan_inference_at_its_own_statistics(monkeypatch, tmp_path):
     seen: dict = {}
-    monkeypatch.setattr(compare, "run_bundle", lambda run_id, configs, overrides: seen.update(overrides))
-    fold = compare.Fold("fold_0", tmp_path, tmp_path / "datalist.json")
-    settings = compare.Settings(normal_stats=True)
-    compare.infer("patchgan_ranking", fold, "testing", tmp_path / "out", tmp_path / "models", settings, heatmaps=False)
+    monkeypatch.setattr(runs, "run_bundle", lambda run_id, configs, overrides: seen.update(overrides))
+    fold = Fold("fold_0", tmp_path, tmp_path / "datalist.json")
+    settings = Settings(normal_stats=True)
+    infer("patchgan_ranking", fold, "testing", tmp_path / "out", tmp_path / "models", settings, heatmaps=False)
     assert seen["normal_stats"] == str(tmp_path / "models" / "normal_stats.pt")
     seen.clear()
-    compare.infer("ae", fold, "testing", tmp_path / "out", tmp_path / "models", settings, heatmaps=False)
+    infer("ae", fold, "testing", tmp_path / "out", tmp_path / "models", settings, heatmaps=False)
     assert "normal_stats" not in seen  # only the Patch-GAN training fits them

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from scripts.cv_summary import main
+from experiments.cv_summary import main
 
 
 def write_scores(folder, scores, labels):

@@ -1,4 +1,4 @@
-"""scripts.datalist: the three layouts, label reading, patient-level splits and loading back."""
+"""scripts.data.datalist: the three layouts, label reading, patient-level splits and loading back."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 import SimpleITK as sitk
 from PIL import Image
 
-from scripts.datalist import SPLITS, build_datalist, load_datalist, main, split_cases
-from scripts.io import InputError
+from scripts.data.datalist import SPLITS, build_datalist, load_datalist, main, split_cases
+from scripts.data.io import InputError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -231,7 +231,7 @@ def test_cli(brats_dir, tmp_path, capsys):
 
 def test_cli_module_entry_point(brats_dir, tmp_path):
     output = tmp_path / "datalist.json"
-    command = [sys.executable, "-m", "scripts.datalist", "--dataset-dir", str(brats_dir), "--output", str(output), "--layout", "brats"]
+    command = [sys.executable, "-m", "scripts.data.datalist", "--dataset-dir", str(brats_dir), "--output", str(output), "--layout", "brats"]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
     assert json.loads(output.read_text())["layout"] == "brats"
@@ -265,7 +265,7 @@ def test_real_isic2016(shared_data):
 
 
 def test_folds_test_every_case_once_and_never_mix_splits():
-    from scripts.datalist import fold_cases
+    from scripts.data.datalist import fold_cases
 
     ids = [f"case{i}" for i in range(10)]
     labels = {case: i % 2 for i, case in enumerate(ids)}

@@ -10,12 +10,12 @@ from pathlib import Path
 import torch
 from monai.bundle import ConfigParser
 
-from scripts.datalist import build_datalist
-from scripts.synthetic import generate_dataset
+from scripts.data.datalist import build_datalist
+from scripts.data.synthetic import generate_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"image_size": 32, "patch_size": 8, "batch_size": 8, "num_workers": 0, "network_def#channels": [8, 16, 32],
-        "network_def#strides": [2, 2], "network_def#num_res_units": 1, "discriminator_def#channels": 8}
+        "network_def#strides": [2, 2], "network_def#num_res_units": 1, "critic_def#channels": 8}
 WORLD = 2
 
 
@@ -53,9 +53,9 @@ def test_torchrun_trains_on_two_processes_and_saves_bare_checkpoints(tmp_path):
     parser.get_parsed_content("network_def").load_state_dict(weights, strict=True)
 
     final = torch.load(models / "checkpoint_final.pt", map_location="cpu", weights_only=True)
-    for key in ("network", "discriminator"):
+    for key in ("network", "critic"):
         assert not any(k.startswith("module.") for k in final[key])
-    parser.get_parsed_content("discriminator_def").load_state_dict(final["discriminator"], strict=True)
+    parser.get_parsed_content("critic_def").load_state_dict(final["critic"], strict=True)
 
     # each rank ran its DistributedSampler share of the slices
     slices = len(parser.get_parsed_content("train#dataset"))

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from scripts.networks import reconstructor
-from scripts.synthetic import generate_dataset
+from scripts.data.synthetic import generate_dataset
+from scripts.model.networks import reconstructor
 
 ROOT = Path(__file__).resolve().parents[1]
 META = json.loads((ROOT / "configs" / "metadata.json").read_text())
@@ -33,7 +33,7 @@ def served_zip(tmp_path):
     weights.parent.mkdir()
     torch.save(reconstructor(**TINY_NET).state_dict(), weights)
     dist = tmp_path / "dist"
-    cmd = [sys.executable, "-m", "scripts.package_bundle", "--output", str(dist), "--weights", str(weights)]
+    cmd = [sys.executable, "-m", "tools.package_bundle", "--output", str(dist), "--weights", str(weights)]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(dist))

@@ -11,16 +11,16 @@ import pytest
 from PIL import Image
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from scripts.evaluation import (
+from scripts.evaluation.__main__ import main
+from scripts.evaluation.evaluate import evaluate
+from scripts.evaluation.metrics import (
     best_dice,
     detection_metrics,
-    evaluate,
-    main,
     operating_point,
     pixel_metrics,
-    read_scores,
     threshold_from_normal,
 )
+from scripts.outputs.formats import read_scores
 
 SLICE_HEADER = ["case_id", "slice_index", "score", "trivial_intensity", "trivial_position", "label"]
 
@@ -246,10 +246,28 @@ def test_pixel_metrics_from_2d_png_heatmaps(tmp_path):
     mask = np.zeros((40, 40), np.uint8)
     mask[10:30, 10:30] = 255
     Image.fromarray(mask).save(tmp_path / "isic1_mask.png")
-    heatmap = np.full((20, 20), 100, np.uint16)  # network grid, half the mask's size
-    heatmap[5:15, 5:15] = 3000
+    heatmap = np.full((40, 40), 100, np.uint16)  # heatmaps are written at the picture's own size
+    heatmap[10:30, 10:30] = 3000
     (tmp_path / "run" / "heatmaps").mkdir()
     Image.fromarray(heatmap).save(tmp_path / "run" / "heatmaps" / "isic1_heatmap.png")
     item = {"case_id": "isic1", "image": str(tmp_path / "isic1.png"), "seg": str(tmp_path / "isic1_mask.png")}
     pixel = evaluate(tmp_path / "run", datalist=[item])["model"]["pixel"]
-    assert pixel["pixel_auc"] == 1.0 and pixel["n_pixels"] == 400
+    assert pixel["pixel_auc"] == 1.0 and pixel["n_pixels"] == 1600
+
+
+def test_a_mask_of_another_size_is_named_and_skipped_for_pixel_metrics(tmp_path, caplog):
+    fake_run(tmp_path / "run", np.random.default_rng(9), cases=("isic1", "isic2"))
+    (tmp_path / "run" / "heatmaps").mkdir()
+    items = []
+    for case_id, mask_size in (("isic1", 40), ("isic2", 30)):
+        mask = np.zeros((mask_size, mask_size), np.uint8)
+        mask[10:20, 10:20] = 255
+        Image.fromarray(mask).save(tmp_path / f"{case_id}_mask.png")
+        heatmap = np.full((40, 40), 100, np.uint16)
+        heatmap[10:20, 10:20] = 3000
+        Image.fromarray(heatmap).save(tmp_path / "run" / "heatmaps" / f"{case_id}_heatmap.png")
+        items.append({"case_id": case_id, "image": str(tmp_path / f"{case_id}.png"), "seg": str(tmp_path / f"{case_id}_mask.png")})
+    with caplog.at_level(logging.WARNING):
+        pixel = evaluate(tmp_path / "run", datalist=items)["model"]["pixel"]
+    assert pixel["n_cases"] == 1 and pixel["pixel_auc"] == 1.0
+    assert "isic2" in caplog.text and "isic2_mask.png" in caplog.text and "differs from the image size" in caplog.text

@@ -13,9 +13,9 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
+from scripts.data.synthetic import generate_dataset
+from scripts.data.transforms import to_original_grid
 from scripts.export import load_exported
-from scripts.handlers import to_original_grid
-from scripts.synthetic import generate_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 ATOL = 1e-4
@@ -112,9 +112,9 @@ def test_scoring_from_the_exported_file_alone_needs_no_model_code(exported, name
     argv = ["scripts.export", "score", "--model", str(alone / name), "--input_path", str(volume),
             "--output_dir", str(out), "--num_workers", "0", "--overlay_slices", "0", *TINY_ARGS[:4]]
     code = (
-        "import sys, runpy; sys.path.insert(0, sys.argv[1]); sys.modules['scripts.networks'] = None;"
+        "import sys, runpy; sys.path.insert(0, sys.argv[1]); sys.modules['scripts.model.networks'] = None;"
         "sys.argv = sys.argv[2:]; runpy.run_module('scripts.export', run_name='__main__', alter_sys=True);"
-        "assert sys.modules.get('scripts.networks') is None"
+        "assert sys.modules.get('scripts.model.networks') is None"
     )
     run([sys.executable, "-c", code, str(ROOT), *argv], cwd=tmp_path)
 

@@ -1,4 +1,4 @@
-"""AnomalyEvaluator + AnomalyScoreWriter: CSV contents, labels, trivial scores and per-case failures."""
+"""AnomalyScorer + AnomalyScoreWriter: CSV contents, labels, trivial scores and per-case failures."""
 
 import csv
 
@@ -7,9 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from scripts.engines import AnomalyEvaluator
-from scripts.handlers import AnomalyScoreWriter, slice_labels, to_original_grid
-from scripts.inferer import PatchRankingInferer
+from scripts.data.rules import AMBIGUOUS, slice_labels
+from scripts.data.transforms import to_original_grid
+from scripts.outputs.writer import AnomalyScoreWriter
+from scripts.scoring.engine import AnomalyScorer
+from scripts.scoring.inferer import PatchRankingInferer
 
 
 class Half(nn.Module):
@@ -34,7 +36,7 @@ def read(path):
 
 def run(batches, tmp_path, inferer=None):
     inferer = inferer or PatchRankingInferer(image_size=16, patch_size=4, test_input="image")
-    evaluator = AnomalyEvaluator(device="cpu", val_data_loader=batches, network=Half(), inferer=inferer)
+    evaluator = AnomalyScorer(device="cpu", val_data_loader=batches, network=Half(), inferer=inferer)
     AnomalyScoreWriter(tmp_path, min_lesion_voxels=20, overlay_slices=2).attach(evaluator)
     evaluator.run()
 
@@ -77,7 +79,7 @@ def test_slice_labels_follow_the_lesion_voxel_rule():
     seg = torch.zeros(3, 1, 10, 10)
     seg[1, 0, :2, :5] = 1  # 10 voxels: ambiguous
     seg[2, 0, :5, :5] = 1  # 25 voxels
-    assert slice_labels(seg, 20) == [0, "", 1]
+    assert slice_labels(seg, 20).tolist() == [0, AMBIGUOUS, 1]
 
 
 def test_heatmaps_go_back_to_the_input_orientation():

@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from scripts.inferer import PatchRankingInferer
-from scripts.scoring import ranking_score
+from scripts.scoring.inferer import PatchRankingInferer
+from scripts.scoring.patches import ranking_score
 
 
 class Identity(nn.Module):
@@ -93,7 +93,7 @@ def test_combining_maps_needs_normal_statistics():
 
 
 def test_normal_statistics_turn_errors_into_z_maps():
-    from scripts.calibration import fit_normal_statistics
+    from scripts.scoring.calibration import fit_normal_statistics
 
     inferer = PatchRankingInferer(image_size=16, patch_size=4, test_input="image", foreground="all")
     normal = [torch.full((4, 1, 16, 16), 0.5) + 0.1 * torch.randn(4, 1, 16, 16) for _ in range(3)]
@@ -109,7 +109,7 @@ def test_normal_statistics_turn_errors_into_z_maps():
     assert scores.patch_errors[1].argmax().item() == 5  # the bright patch (row 1, column 1) tops the grid
 
 
-def test_the_critic_map_scores_what_the_discriminator_finds_unreal():
+def test_the_critic_map_scores_what_the_critic_finds_unreal():
     class BrightIsFake(torch.nn.Module):
         def forward(self, x):
             return -torch.nn.functional.avg_pool2d(x, 4)  # logit: brighter patches look less real
@@ -123,10 +123,10 @@ def test_the_critic_map_scores_what_the_discriminator_finds_unreal():
 
 
 def test_the_feature_map_compares_critic_features_of_image_and_reconstruction():
-    from scripts.networks import discriminator
+    from scripts.model.networks import critic
 
     torch.manual_seed(0)
-    critic = discriminator(channels=8, num_layers=2)
+    critic = critic(channels=8, num_layers=2)
     inferer = PatchRankingInferer(image_size=16, patch_size=4, test_input="image", foreground="all",
                                   score_maps=("feature",), critic=critic)
     image = torch.rand(2, 1, 16, 16)

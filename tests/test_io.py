@@ -1,4 +1,4 @@
-"""scripts.io: readers return float32 data with the right geometry and name the file in every error."""
+"""scripts.data.io: readers return float32 data with the right geometry and name the file in every error."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import SimpleITK as sitk
 from PIL import Image
 
-from scripts.io import (
+from scripts.data.io import (
     InputError,
     read_image_2d,
     read_mask,

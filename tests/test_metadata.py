@@ -118,8 +118,8 @@ def test_default_networks_match_both_data_formats(n):
     assert y.shape == (1, net_out["num_channels"], *_spatial(net_out["spatial_shape"], n))
     assert str(y.dtype) == f"torch.{net_out['dtype']}"
 
-    d_in = meta["discriminator_data_format"]["inputs"]["image"]
-    d_out = meta["discriminator_data_format"]["outputs"]["pred"]
+    d_in = meta["critic_data_format"]["inputs"]["image"]
+    d_out = meta["critic_data_format"]["outputs"]["pred"]
     critic = PatchDiscriminator(spatial_dims=2, channels=64, in_channels=1, num_layers_d=3, norm="INSTANCE").eval()
     with torch.no_grad():
         logits = critic(torch.rand(1, d_in["num_channels"], *_spatial(d_in["spatial_shape"], n)))[-1]

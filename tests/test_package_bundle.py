@@ -1,4 +1,4 @@
-"""``python -m scripts.package_bundle``: the zip layout MONAI expects, weights, large_files.yml, atomic writes."""
+"""``python -m tools.package_bundle``: the zip layout MONAI expects, weights, large_files.yml, atomic writes."""
 
 import hashlib
 import json
@@ -22,7 +22,7 @@ MIB = 1024 * 1024
 
 def package(*args: str) -> subprocess.CompletedProcess:
     """Run the real CLI from the repository root."""
-    cmd = [sys.executable, "-m", "scripts.package_bundle", *args]
+    cmd = [sys.executable, "-m", "tools.package_bundle", *args]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
@@ -39,7 +39,7 @@ def bundle_copy(tmp_path: Path) -> Path:
     """A copy of the bundle's packaged parts, with stale caches and a tiny trained model added."""
     root = tmp_path / "bundle"
     root.mkdir()
-    for folder in ("configs", "scripts", "docs"):
+    for folder in ("configs", "scripts", "docs", "experiments", "tools", "tests"):  # what a checkout holds
         shutil.copytree(ROOT / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     for name in ("LICENSE", "README.md", "requirements.txt"):
         shutil.copy2(ROOT / name, root / name)
@@ -74,10 +74,12 @@ def test_zip_has_one_top_level_folder_and_the_bundle_layout(bundle_copy, tmp_pat
     assert {m.split("/", 1)[0] for m in members} == {NAME}
     inside = {m.split("/", 1)[1] for m in members}
     for required in ("configs/metadata.json", "configs/train.json", "configs/inference.json", "scripts/__init__.py",
-                     "scripts/package_bundle.py", "docs/data_license.txt", "LICENSE", "metadata.json",
+                     "scripts/data/io.py", "scripts/scoring/inferer.py", "docs/data_license.txt", "LICENSE", "metadata.json",
                      "README.md", "requirements.txt", "models/model.pt", "models/normal_stats.pt"):
         assert required in inside, required
     assert not any("__pycache__" in m or m.endswith(".pyc") for m in members)
+    research = ("experiments/", "tools/", "tests/", "scripts/compare", "scripts/benchmark", "scripts/package_bundle")
+    assert not [m for m in inside if m.startswith(research)], "the research tools do not ship in the bundle"
     assert "models/checkpoint_final.pt" not in inside
     assert "large_files.yml" not in inside
     assert read(zip_path, "models/model.pt") == b"tiny reconstructor weights"
@@ -169,7 +171,7 @@ def test_rebuilding_replaces_the_zip_atomically_with_identical_bytes(bundle_copy
 
 
 def test_a_failed_write_leaves_no_partial_zip(bundle_copy, tmp_path, monkeypatch):
-    from scripts import package_bundle as pb
+    from tools import package_bundle as pb
 
     def explode(*_args, **_kwargs):
         raise OSError("disk full")

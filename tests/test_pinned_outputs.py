@@ -21,7 +21,7 @@ import torch
 from monai.bundle import ConfigParser, run
 from PIL import Image
 
-from scripts.synthetic import generate_dataset
+from scripts.data.synthetic import generate_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 PINS = ROOT / "tests" / "data" / "pinned_outputs.json"
@@ -30,8 +30,8 @@ SMALL = {
     "image_size": 32, "patch_size": 8,
     "network_def#channels": [8, 16, 32], "network_def#strides": [2, 2], "network_def#num_res_units": 1,
 }
-CRITIC_DEF = "discriminator_def"  # config id of the PatchGAN critic's definition
-CRITIC_KEY = "discriminator"  # its key in checkpoint_best.pt
+CRITIC_DEF = "critic_def"  # config id of the PatchGAN critic's definition
+CRITIC_KEY = "critic"  # its key in checkpoint_best.pt
 
 
 def _weights(folder: Path, configs: list[str], overrides: dict) -> dict:
@@ -158,10 +158,11 @@ def _tensor_summary(tensors: dict) -> dict:
 @pytest.mark.parametrize("variant", ["patchgan", "lesion_free", "alocc"])
 def test_training_is_pinned(phantoms: Path, tmp_path: Path, variant: str) -> None:
     """Two epochs of each training recipe give the recorded weights and normal statistics."""
-    from scripts.datalist import build_datalist, write_json_atomic
+    from scripts.data.datalist import build_datalist
+    from scripts.data.io import write_json
 
     datalist = tmp_path / "datalist.json"
-    write_json_atomic(build_datalist(phantoms, val_fraction=0.34, test_fraction=0.0, seed=0), datalist)
+    write_json(build_datalist(phantoms, val_fraction=0.34, test_fraction=0.0, seed=0), datalist)
     configs = {"patchgan": ["train.json"], "lesion_free": ["train.json", "lesion_free.json"],
                "alocc": ["train.json", "alocc.json"]}[variant]
     overrides = {**SMALL, f"{CRITIC_DEF}#channels": 8 if variant != "alocc" else [8, 16], "max_epochs": 2,

@@ -2,17 +2,12 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
-from scripts.scoring import (
-    aggregate_slices,
-    checkerboard_masks,
-    grid_to_heatmap,
-    patch_grid,
-    pixel_errors,
-    ranking_score,
-)
+from scripts.scoring.maps import pixel_errors
+from scripts.scoring.patches import aggregate_slices, checkerboard_masks, grid_to_image, patch_grid, ranking_score
 
 
 def test_ranking_weights_the_sorted_top_patches():
@@ -64,9 +59,20 @@ def test_pixel_errors_average_channels_and_respect_the_region():
 
 def test_heatmap_repeats_each_patch_error_over_its_square():
     grid = torch.tensor([[[1.0, 2.0], [3.0, 4.0]]])
-    heat = grid_to_heatmap(grid, 3)
+    heat = grid_to_image(grid, (6, 6))
     assert heat.shape == (1, 1, 6, 6)
     assert heat[0, 0, 4, 1].item() == 3.0 and heat[0, 0, 0, 5].item() == 2.0
+
+
+@pytest.mark.parametrize("size", [16, 17, 240, 250])
+def test_grid_cells_are_where_the_heatmap_bands_start(size):
+    from scripts.scoring.patches import grid_cells
+
+    grid = torch.arange(8.0).view(1, 1, 8).expand(1, 8, 8)
+    row = grid_to_image(grid, (size, size))[0, 0, 0].numpy()
+    starts = grid_cells(size, 8)
+    assert len(starts) == 8
+    assert (row[starts] == np.arange(8)).all() and (np.diff(row)[np.setdiff1d(np.arange(size - 1), starts - 1)] == 0).all()
 
 
 @pytest.mark.parametrize("stride", [1, 2, 3])
@@ -96,7 +102,7 @@ def test_volume_aggregation_rejects_unknown_methods():
 
 
 def test_ssim_error_is_zero_for_a_perfect_reconstruction_and_grows_with_structure_loss():
-    from scripts.scoring import ssim_error_map
+    from scripts.scoring.maps import ssim_error_map
 
     image = torch.rand(2, 1, 24, 24)
     assert ssim_error_map(image, image).abs().max().item() < 1e-4
@@ -106,7 +112,7 @@ def test_ssim_error_is_zero_for_a_perfect_reconstruction_and_grows_with_structur
 
 
 def test_critic_map_is_the_probability_of_fake_at_image_size():
-    from scripts.scoring import critic_map
+    from scripts.scoring.maps import critic_map
 
     logits = torch.tensor([[[[2.0, -1.0], [0.0, 0.0]]]])
     out = critic_map(logits, (4, 4))
@@ -127,14 +133,14 @@ def test_ranking_and_mean_use_only_the_valid_patches():
 
 
 def test_standardise_gives_z_scores():
-    from scripts.scoring import standardise
+    from scripts.scoring.maps import standardise
 
     z = standardise(torch.tensor([[[[3.0, 1.0]]]]), torch.tensor([[[[1.0, 1.0]]]]), torch.tensor([[[[2.0, 0.5]]]]), eps=0)
     assert z.flatten().tolist() == pytest.approx([1.0, 0.0])
 
 
 def test_feature_distance_is_scale_free_per_location_and_averaged_over_layers():
-    from scripts.scoring import feature_distance_map
+    from scripts.scoring.maps import feature_distance_map
 
     a = torch.zeros(1, 2, 2, 2)
     a[:, 0] = 1.0  # every location points along channel 0

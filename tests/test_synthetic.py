@@ -1,4 +1,4 @@
-"""scripts.synthetic: deterministic BraTS-layout phantoms with lesions only in abnormal cases."""
+"""scripts.data.synthetic: deterministic BraTS-layout phantoms with lesions only in abnormal cases."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from scripts.datalist import build_datalist
-from scripts.io import read_mask, read_volume
-from scripts.synthetic import LESION_LABEL, generate_dataset
+from scripts.data.datalist import build_datalist
+from scripts.data.io import read_mask, read_volume
+from scripts.data.synthetic import LESION_LABEL, generate_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPE = (40, 40, 20)
@@ -108,7 +108,7 @@ def test_abnormal_fraction_extremes(tmp_path):
 
 
 def test_cli(tmp_path):
-    command = [sys.executable, "-m", "scripts.synthetic", "--output", str(tmp_path), "--cases", "2", "--shape", "32", "32", "16"]
+    command = [sys.executable, "-m", "scripts.data.synthetic", "--output", str(tmp_path), "--cases", "2", "--shape", "32", "32", "16"]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "SYN_001" / "SYN_001_seg.nii.gz").is_file()

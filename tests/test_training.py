@@ -4,9 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from scripts.engines import PatchGANTrainer
-from scripts.losses import AdversarialLoss, DiscriminatorLoss, ReconstructorLoss, pool_to_grid
-from scripts.networks import discriminator, reconstructor
+from scripts.model.losses import AdversarialLoss, CriticLoss, ReconstructorLoss, pool_to_grid
+from scripts.model.networks import critic, reconstructor
+from scripts.model.trainer import PatchGANTrainer
 
 
 def test_reconstructor_loss_weights_its_two_terms():
@@ -23,10 +23,10 @@ def test_zero_adversarial_weight_ignores_the_critic():
     assert adv.item() == 0.0 and total.item() == pytest.approx(1.0)
 
 
-def test_discriminator_loss_is_low_for_a_confident_correct_critic():
+def test_critic_loss_is_low_for_a_confident_correct_critic():
     real, fake = torch.full((1, 1, 4, 4), 10.0), torch.full((1, 1, 4, 4), -10.0)
-    assert DiscriminatorLoss()(real, fake).item() < 1e-3
-    assert DiscriminatorLoss()(fake, real).item() > 5
+    assert CriticLoss()(real, fake).item() < 1e-3
+    assert CriticLoss()(fake, real).item() > 5
 
 
 def test_lesion_weights_remove_patches_from_the_losses():
@@ -72,7 +72,7 @@ def make_trainer(d_net, lambda_adv=0.2, batch=None):
         device="cpu", max_epochs=1, train_data_loader=[batch], g_network=g_net,
         g_optimizer=torch.optim.Adam(g_net.parameters(), 1e-2), d_network=d_net,
         d_optimizer=torch.optim.Adam(d_net.parameters(), 1e-2), g_loss=ReconstructorLoss(lambda_adv=lambda_adv),
-        d_loss=DiscriminatorLoss(),
+        d_loss=CriticLoss(),
     )
     return trainer, g_net, batch
 
@@ -101,7 +101,7 @@ def test_without_adversarial_weight_the_critic_is_not_trained():
 
 
 def test_checkpoints_hold_no_pickled_modules():
-    trainer, _, _ = make_trainer(discriminator(channels=4, num_layers=2))
+    trainer, _, _ = make_trainer(critic(channels=4, num_layers=2))
     trainer.run()
     assert set(trainer.state_dict()) <= {"iteration", "epoch", "epoch_length", "max_epochs"}
 

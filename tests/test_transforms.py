@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from scripts.data import build_slice_records
-from scripts.transforms import BrainPercentileNormalized, LoadCased, RandBoxMaskd, VolumeToSlicesd
+from scripts.data.cache import build_slice_records
+from scripts.data.transforms import BrainPercentileNormalized, LoadCased, RandBoxMaskd, VolumeToSlicesd
 
 
 def write_case(folder, shape=(24, 20, 10), lesion_slices=(4, 5), lesion_voxels=(30, 5), affine=None, background=-2.5):
@@ -130,7 +130,7 @@ def test_a_benign_picture_with_a_lesion_mask_stays_normal(tmp_path):
 
 
 def test_to_original_grid_undoes_the_ras_reorientation_of_an_lps_volume(tmp_path):
-    from scripts.transforms import ToOriginalGridd
+    from scripts.data.transforms import ToOriginalGridd
 
     lps = np.diag([-1.0, -1.0, 1.0, 1.0])
     item = write_case(tmp_path, affine=lps)
@@ -144,7 +144,7 @@ def test_to_original_grid_undoes_the_ras_reorientation_of_an_lps_volume(tmp_path
 
 
 def test_monai_label_items_become_bundle_cases():
-    from scripts.data import case_items
+    from scripts.data.datalist import case_items
 
     label_study = {"image": "/studies/BRATS_007.nii.gz", "label": "/studies/labels/final/BRATS_007.nii.gz"}
     picture = {"case_id": "ISIC_1", "image": "/isic/ISIC_1.jpg", "label": 1}
@@ -155,7 +155,7 @@ def test_monai_label_items_become_bundle_cases():
 
 
 def test_lesion_free_weights_zero_the_grown_lesion_and_default_to_ones():
-    from scripts.transforms import LesionFreeWeightd
+    from scripts.data.transforms import LesionFreeWeightd
 
     seg = np.zeros((1, 8, 8), dtype=np.uint8)
     seg[0, 3, 3] = 1

@@ -8,7 +8,7 @@ the core's ``PatchGANTrainer`` with noise instead of boxes and a one-logit criti
 The novelty score of an image is ``1 - D(R(x))`` (``critic_input: reconstruction``, the paper's choice) or
 ``1 - D(x)`` (``critic_input: image``), computed as ``sigmoid(-logit)`` (the same number, without the rounding
 of ``1 - sigmoid`` for confident critics); the heatmap is R's reconstruction error. At inference the trained
-critic's weights come from ``critic_path`` (``checkpoint_best.pt``, key ``discriminator``)::
+critic's weights come from ``critic_path`` (``checkpoint_best.pt``, key ``critic``)::
 
     python -m monai.bundle run run --config_file "['configs/inference.json','configs/alocc.json']" \\
         --ckpt_path models/model.pt --alocc_critic_path models/checkpoint_best.pt
@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from scripts.baselines.ocsvm import ImageScoreInferer
+from scripts.baselines.common import ImageScoreInferer
 
 CRITIC_INPUTS = ("reconstruction", "image")
 
@@ -29,8 +29,8 @@ class ALOCCInferer(ImageScoreInferer):
     """``ImageScoreInferer`` with ALOCC's score: ``1 - sigmoid(D(R(x)))`` (or of ``D(x)``) per image.
 
     Args (besides ``PatchRankingInferer``'s):
-        critic: the one-logit discriminator (required).
-        critic_path: checkpoint to load the critic from (a dict with ``discriminator``, or a bare state dict);
+        critic: the one-logit critic (required).
+        critic_path: checkpoint to load the critic from (a dict with ``critic``, or a bare state dict);
             empty keeps the critic's current weights (the live critic while training).
         critic_input: ``reconstruction`` (``D(R(x))``) or ``image`` (``D(x)``).
     """
@@ -38,14 +38,14 @@ class ALOCCInferer(ImageScoreInferer):
     def __init__(self, *args: Any, critic: torch.nn.Module | None = None, critic_path: str = "",
                  critic_input: str = "reconstruction", **kwargs: Any) -> None:
         if critic is None:
-            raise ValueError("ALOCCInferer needs the trained one-logit discriminator as `critic`")
+            raise ValueError("ALOCCInferer needs the trained one-logit critic as `critic`")
         if critic_input not in CRITIC_INPUTS:
             raise ValueError(f"unknown critic_input {critic_input!r}: use one of {CRITIC_INPUTS}")
         super().__init__(*args, critic=critic, **kwargs)
         self.critic_input = critic_input
         if critic_path:
             state = torch.load(critic_path, map_location="cpu", weights_only=True)
-            critic.load_state_dict(state.get("discriminator", state))
+            critic.load_state_dict(state.get("critic", state))
 
     def image_scores(self, images: torch.Tensor, recon: torch.Tensor, network: torch.nn.Module) -> torch.Tensor:
         critic = self.critic.to(images.device).eval()

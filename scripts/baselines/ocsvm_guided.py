@@ -29,10 +29,10 @@ from monai.networks.nets import AutoEncoder
 from torch import nn
 from tqdm import tqdm
 
-from scripts import io
-from scripts.baselines.ocsvm import ImageScoreInferer, KernelOCSVM
+from scripts.baselines.common import ImageScoreInferer, KernelOCSVM
 from scripts.baselines.ocsvm_layer import OCSVMGuidedLoss, fit_latent_ocsvm
-from scripts.losses import ReconstructorLoss
+from scripts.data import io
+from scripts.model.losses import ReconstructorLoss
 
 logger = logging.getLogger(__name__)
 
@@ -168,4 +168,4 @@ class LatentOCSVMInferer(ImageScoreInferer):
     def image_scores(self, images: torch.Tensor, recon: torch.Tensor, network: torch.nn.Module) -> torch.Tensor | None:
         if not network.scorer.fitted:
             return None
-        return torch.cat([network.anomaly_score(chunk) for chunk in torch.split(images, self.slice_batch_size)])
+        return torch.cat([network.anomaly_score(chunk) for chunk in torch.split(images, self.batch_size(images))])

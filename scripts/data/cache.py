@@ -1,0 +1,167 @@
+"""The slice cache: cases (volumes or 2D images) -> labelled slice records at network resolution.
+
+Decoding a NIfTI volume costs far more than a training step on its slices, so every case is read, normalised,
+sliced and resized once; the result is kept in memory and, with ``cache_dir``, in a compact ``.npz`` per case
+(float16 images, keyed by the file's path, size, modification time and the slicing parameters) so that the next
+run starts at once. A case that cannot be read is reported with its file and skipped; the others are kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from monai.data import Dataset as MonaiDataset
+from monai.transforms import Compose
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from scripts.config import require_bool
+from scripts.data.datalist import case_items
+from scripts.data.io import write_atomic
+from scripts.data.transforms import BrainPercentileNormalized, LoadCased, VolumeToSlicesd
+
+logger = logging.getLogger(__name__)
+
+RECORD_ARRAYS = ("image", "brain", "seg", "slice_index", "label")
+
+
+def case_to_slices(
+    image_size: int, min_brain_fraction: float = 0.1, min_lesion_voxels: int = 20, normalize: bool = True
+) -> Compose:
+    """The per-case pipeline: read (RAS), normalise inside the brain, cut into labelled resized slices."""
+    steps: list[Callable] = [LoadCased()]
+    if normalize:
+        steps.append(BrainPercentileNormalized("image"))
+    steps.append(VolumeToSlicesd(image_size, min_brain_fraction, min_lesion_voxels))
+    return Compose(steps, map_items=False)
+
+
+class _CaseDataset(Dataset):
+    """One item per case; returns the case's slice arrays, or the error that stopped it."""
+
+    def __init__(self, items: Sequence[dict], pipeline: Compose, cache_dir: Path | None, params: dict) -> None:
+        self.items, self.pipeline, self.cache_dir, self.params = list(items), pipeline, cache_dir, params
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = self.items[index]
+        cache_file = self._cache_file(item)
+        if cache_file is not None and cache_file.exists():
+            with np.load(cache_file) as cached:
+                return {"case_id": item["case_id"], **{k: cached[k] for k in cached.files}}
+        try:
+            out = self.pipeline(dict(item))
+        except Exception as error:  # reported with the file by the caller; one bad case never stops the rest
+            return {"case_id": item["case_id"], "error": _root_message(error)}
+        arrays = {k: np.asarray(out[k]) for k in RECORD_ARRAYS if k in out}
+        arrays["image"] = arrays["image"].astype(np.float16)
+        if cache_file is not None:
+            write_atomic(cache_file, lambda handle: np.savez(handle, **arrays))
+        return {"case_id": item["case_id"], **arrays}
+
+    def _cache_file(self, item: dict) -> Path | None:
+        if self.cache_dir is None:
+            return None
+        stamp = [self.params]
+        for key in ("image", "seg"):
+            if item.get(key):
+                st = os.stat(item[key]) if os.path.exists(item[key]) else None
+                stamp.append([str(item[key]), st.st_size if st else -1, st.st_mtime_ns if st else -1])
+        stamp.append([item.get("label"), item.get("channel")])
+        digest = hashlib.sha1(json.dumps(stamp, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return self.cache_dir / f"{item['case_id']}_{digest}.npz"
+
+
+def build_slice_records(
+    items: Sequence[dict],
+    image_size: int,
+    min_brain_fraction: float = 0.1,
+    min_lesion_voxels: int = 20,
+    normalize: bool = True,
+    cache_dir: str | os.PathLike | None = None,
+    num_workers: int = 0,
+    labels: Sequence[int] | None = None,
+) -> list[dict[str, Any]]:
+    """Slice records (see docs/architecture.md) of every readable case, optionally only some ``labels``."""
+    require_bool("normalize", normalize)
+    params = {"image_size": image_size, "min_brain_fraction": min_brain_fraction,
+              "min_lesion_voxels": min_lesion_voxels, "normalize": normalize, "version": 1}
+    cache = Path(cache_dir) if cache_dir else None
+    if cache is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+    pipeline = case_to_slices(image_size, min_brain_fraction, min_lesion_voxels, normalize)
+    loader = DataLoader(_CaseDataset(items, pipeline, cache, params), batch_size=None, num_workers=num_workers)
+    records: list[dict[str, Any]] = []
+    failed: list[str] = []
+    for case in tqdm(loader, total=len(items), desc="slicing cases", unit="case", disable=len(items) < 2):
+        if "error" in case:
+            logger.error("skipped case %s: %s", case["case_id"], case["error"])
+            failed.append(case["case_id"])
+            continue
+        records.extend(_case_records(case, labels))
+    if items and not records:
+        raise RuntimeError(f"no usable slices in {len(items)} cases ({len(failed)} could not be read; see the log)")
+    return records
+
+
+def _case_records(case: dict[str, Any], labels: Sequence[int] | None) -> list[dict[str, Any]]:
+    """Split a case's stacked arrays into one record per slice."""
+    out = []
+    for i, label in enumerate(np.asarray(case["label"]).tolist()):
+        if labels is not None and label not in labels:
+            continue
+        record = {"case_id": case["case_id"], "slice_index": int(case["slice_index"][i]), "label": int(label)}
+        for key in ("image", "brain", "seg"):
+            if key in case:
+                record[key] = np.asarray(case[key][i])
+        out.append(record)
+    return out
+
+
+class SafeCaseDataset(MonaiDataset):
+    """A MONAI ``Dataset`` of cases whose failures become ``{"case_id", "error"}`` items instead of exceptions.
+
+    Inference over an archive must not lose every result because one file is corrupt: the evaluator passes
+    error items through and the writer lists them in ``errors.csv``.
+    """
+
+    def _transform(self, index: int) -> Any:
+        try:
+            return super()._transform(index)
+        except Exception as error:
+            item = self.data[index]
+            return {"case_id": str(item.get("case_id", index)), "error": _root_message(error)}
+
+
+def _root_message(error: BaseException) -> str:
+    """The innermost cause of an exception (MONAI wraps transform errors), which names the file."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return f"{type(error).__name__}: {error}"
+
+
+class SliceDataset(MonaiDataset):
+    """A MONAI ``Dataset`` of the slice records of cases: ``slicer`` (``build_slice_records`` with its settings,
+    the ``slices`` config id) cuts ``data`` (case items, see ``case_items``) into records, ``transform`` applies
+    per record. Its ``data`` is the list of cases, so MONAI Label's ``train#dataset#data`` override works.
+    ``labels``, when given, replaces the slicer's choice of slice labels (``configs/lesion_free.json``)."""
+
+    def __init__(
+        self,
+        data: Sequence[dict[str, Any]],
+        slicer: Callable[..., list[dict[str, Any]]],
+        transform: Callable | None = None,
+        labels: Sequence[int] | None = None,
+    ) -> None:
+        self.cases = case_items(data)
+        records = slicer(self.cases) if labels is None else slicer(self.cases, labels=list(labels))
+        super().__init__(records, transform)

@@ -1,0 +1,108 @@
+"""The bundle's data rules, each written once: foreground, slice selection, slice labels and case ids.
+
+Training, scoring, writing and evaluation all ask this module, so that (for instance) the brain that pixel
+metrics count is the brain that scoring used, and a slice called ambiguous in training is ambiguous in the
+score tables too.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from scripts.data.io import InputError
+
+FOREGROUND_MODES = ("nonzero", "all")
+AMBIGUOUS = -2  # a slice with some lesion voxels, too few to call it abnormal: neither trained on nor scored as either
+UNKNOWN = -1  # no mask and no case label
+IMAGE_2D_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+VOLUME_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd")
+SAFE_CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+
+
+# ----------------------------------------------------------------------------------------------- foreground
+
+
+def background_foreground(image: np.ndarray) -> np.ndarray:
+    """Voxels of a raw channel-first image ``(C, ...)`` that differ from its background constant.
+
+    The background constant is the median of the first channel's corners: skull-stripped FLAIR (BraTS) has an
+    exact constant background, also when it was z-scored (then the constant is negative). This is the brain that
+    ``BrainPercentileNormalized`` keeps strictly positive, so after normalisation ``foreground`` finds it again.
+    """
+    first = np.asarray(image)[0]
+    corners = first[tuple(np.ix_(*[[0, n - 1] for n in first.shape]))]
+    return np.abs(first - np.median(corners)) > 1e-6
+
+
+def foreground(slices: torch.Tensor, mode: str = "nonzero") -> torch.Tensor:
+    """The scored region ``(N, 1, H, W)`` of slices ``(N, C, H, W)``: normalised brain (any channel above zero)
+    for ``nonzero``, every pixel for ``all`` (skin pictures)."""
+    if mode == "all":
+        return torch.ones((len(slices), 1, *slices.shape[-2:]), dtype=torch.bool, device=slices.device)
+    if mode != "nonzero":
+        raise ValueError(f"unknown foreground {mode!r}: use one of {FOREGROUND_MODES}")
+    return torch.as_tensor(slices).amax(dim=1, keepdim=True) > 0
+
+
+def select_slices(area: torch.Tensor, min_fraction: float) -> torch.Tensor:
+    """Slices whose foreground area is at least ``min_fraction`` of the largest (and not empty)."""
+    return (area > 0) & (area >= min_fraction * area.max())
+
+
+# ----------------------------------------------------------------------------------------------- slice labels
+
+
+def slice_labels(segs: torch.Tensor, min_lesion_voxels: int) -> torch.Tensor:
+    """Per-slice labels of a lesion-mask stack ``(N, ...)``: 0 without a lesion voxel, 1 with at least
+    ``min_lesion_voxels``, ``AMBIGUOUS`` in between."""
+    lesion = (torch.as_tensor(segs) > 0).flatten(1).sum(1)
+    labels = torch.where(lesion >= min_lesion_voxels, 1, AMBIGUOUS)
+    return torch.where(lesion == 0, 0, labels).long()
+
+
+# ----------------------------------------------------------------------------------------------- case ids
+
+
+def is_2d_image(path: str | Path) -> bool:
+    """True for the 2D picture formats (dermoscopy), False for volumes."""
+    return str(path).lower().endswith(IMAGE_2D_SUFFIXES)
+
+
+def strip_suffix(name: str, suffixes: Iterable[str]) -> str | None:
+    """``name`` without the first matching suffix (case-insensitive), or None when none matches."""
+    for suffix in suffixes:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return None
+
+
+def file_case_id(path: str | Path) -> str:
+    """A case id for a lone file: its name without the extension (``.nii.gz`` counts as one)."""
+    name = Path(path).name
+    return strip_suffix(name, (*VOLUME_SUFFIXES, *IMAGE_2D_SUFFIXES)) or Path(name).stem
+
+
+def check_case_id(case_id: object, source: str = "datalist") -> str:
+    """``case_id`` if it is safe as a file-name stem, else ``InputError`` naming it.
+
+    Case ids name output files (heatmaps, overlays, cache entries): an id such as ``../../x`` or ``/tmp/x`` would
+    write outside the output folder, so only letters, digits and ``._+-`` are accepted (not leading with a dot).
+    """
+    text = str(case_id)
+    if not SAFE_CASE_ID.match(text) or text in (".", ".."):
+        raise InputError(f"{source}: case id {text!r} cannot name an output file: use letters, digits and ._+- only "
+                         "(no path separators, no leading dot)")
+    return text
+
+
+def check_unique_case_ids(case_ids: Iterable[str], source: str = "datalist") -> None:
+    """``InputError`` naming the ids that occur more than once (two rows, one overwritten heatmap)."""
+    seen: set[str] = set()
+    repeated = sorted({c for c in case_ids if c in seen or seen.add(c)})
+    if repeated:
+        raise InputError(f"{source}: case ids occur more than once: {', '.join(repeated)}")

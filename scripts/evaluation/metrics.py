@@ -1,0 +1,170 @@
+"""Detection metrics, operating thresholds and pixel metrics (scikit-learn), on plain arrays.
+
+* The operating threshold comes from NORMAL VALIDATION scores only: an unsupervised detector has no abnormal
+  examples to tune on, and tuning on the test set would inflate sensitivity and specificity.
+* The best Dice over thresholds picks the threshold on the test masks themselves; it is reported as
+  ``dice_best_upper_bound`` because it is an optimistic bound, not an achievable operating point.
+* Pixel metrics pool the pixels of all cases inside the foreground region (the brain); above ``max_pixels`` a
+  seeded uniform subsample is used so memory stays bounded and results are reproducible.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+logger = logging.getLogger(__name__)
+
+Series = tuple[np.ndarray, np.ndarray]  # (labels 0/1, scores) of one method
+MAX_PIXELS = 5_000_000
+
+
+def detection_metrics(labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarray) -> dict[str, Any]:
+    """AUROC and average precision of ``scores`` (higher = more abnormal) against 0/1 ``labels``.
+
+    Both are undefined when a class is absent; they are then NaN (with a warning) rather than an exception, so
+    that one incomplete split does not stop the evaluation of the others.
+    """
+    labels, scores = as_series(labels, scores)
+    n_normal, n_abnormal = int(np.sum(labels == 0)), int(np.sum(labels == 1))
+    if n_normal == 0 or n_abnormal == 0:
+        logger.warning("AUROC and AP are undefined with %d normal and %d abnormal examples", n_normal, n_abnormal)
+        auc = ap = math.nan
+    else:
+        auc, ap = float(roc_auc_score(labels, scores)), float(average_precision_score(labels, scores))
+    return {"auc": auc, "ap": ap, "n_normal": n_normal, "n_abnormal": n_abnormal}
+
+
+def threshold_from_normal(normal_scores: Sequence[float] | np.ndarray, fpr: float = 0.05) -> float:
+    """Operating threshold: the ``1 - fpr`` quantile of NORMAL validation scores.
+
+    A score strictly above the threshold is called abnormal, so about ``fpr`` of normal validation cases are
+    false positives. Only normal scores are used: abnormal examples are not available to an unsupervised
+    detector, and the threshold must not be tuned on the test set. Non-finite scores are ignored.
+    """
+    if not 0.0 <= fpr < 1.0:
+        raise ValueError(f"fpr must be in [0, 1), got {fpr}")
+    values = np.asarray(normal_scores, dtype=np.float64).ravel()
+    values = values[np.isfinite(values)]
+    if values.size == 0:
+        raise ValueError("no finite normal scores to set a threshold from")
+    return float(np.quantile(values, 1.0 - fpr))
+
+
+def operating_point(
+    labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarray, threshold: float
+) -> dict[str, float]:
+    """Sensitivity and specificity when a score strictly above ``threshold`` is called abnormal.
+
+    A rate whose class is absent is NaN.
+    """
+    labels, scores = as_series(labels, scores)
+    called = scores > threshold
+    sensitivity = float(np.mean(called[labels == 1])) if np.any(labels == 1) else math.nan
+    specificity = float(np.mean(~called[labels == 0])) if np.any(labels == 0) else math.nan
+    return {"sensitivity": sensitivity, "specificity": specificity, "threshold": float(threshold)}
+
+
+def pixel_metrics(
+    heatmaps: Sequence[np.ndarray],
+    masks: Sequence[np.ndarray],
+    regions: Sequence[np.ndarray] | None = None,
+    max_pixels: int = MAX_PIXELS,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Pixel-level AUROC, AP and best Dice of heatmaps against lesion masks, pooled over all cases.
+
+    Only pixels inside ``regions`` (e.g. the brain; nonzero = inside) count when given, so the easy background
+    does not inflate the scores. Above ``max_pixels`` pooled pixels, every case keeps the same seeded random
+    fraction of its pixels. ``dice_best_upper_bound`` is the best Dice over all thresholds (``heatmap >=
+    dice_best_threshold``); the threshold is chosen on the test masks, so it is an upper bound.
+    """
+    if not heatmaps:
+        raise ValueError("no heatmaps to evaluate")
+    if len(masks) != len(heatmaps) or (regions is not None and len(regions) != len(heatmaps)):
+        raise ValueError("heatmaps, masks and regions must have the same length")
+    pooled = [
+        region_pixels(heatmap, mask, None if regions is None else regions[i], f"#{i}")
+        for i, (heatmap, mask) in enumerate(zip(heatmaps, masks))
+    ]
+    total = sum(len(scores) for scores, _ in pooled)
+    fraction = min(1.0, max_pixels / max(total, 1))
+    rng = np.random.default_rng(seed)
+    picked = [subsample(scores, lesion, int(len(scores) * fraction), rng) for scores, lesion in pooled]
+    scores = np.concatenate([s for s, _ in picked])
+    lesion = np.concatenate([m for _, m in picked])
+    ranking = detection_metrics(lesion, scores)
+    dice, threshold = best_dice(lesion, scores)
+    return {
+        "pixel_auc": ranking["auc"],
+        "pixel_ap": ranking["ap"],
+        "dice_best_upper_bound": dice,
+        "dice_best_threshold": threshold,
+        "n_cases": len(heatmaps),
+        "n_pixels": int(scores.size),
+        "n_pixels_in_regions": int(total),
+        "n_lesion_pixels": int(lesion.sum()),
+    }
+
+
+def best_dice(lesion: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
+    """Best Dice of ``scores >= t`` against a boolean ``lesion`` over every threshold ``t``, and that ``t``.
+
+    One sort and a cumulative sum give the true positives of every threshold at once: with scores in
+    descending order, thresholding at the k-th score predicts the first k pixels (ties are cut only where the
+    score changes). NaN when there is no lesion pixel (Dice is then meaningless).
+    """
+    lesion, scores = np.asarray(lesion, dtype=bool).ravel(), np.asarray(scores, dtype=np.float64).ravel()
+    n_lesion = int(lesion.sum())
+    if n_lesion == 0 or scores.size == 0:
+        logger.warning("best Dice is undefined without lesion pixels")
+        return math.nan, math.nan
+    order = np.argsort(-scores, kind="stable")
+    ranked = scores[order]
+    cut = np.append(ranked[1:] != ranked[:-1], True)  # last position of each run of equal scores
+    true_positives = np.cumsum(lesion[order])[cut]
+    predicted = np.flatnonzero(cut) + 1
+    dice = 2.0 * true_positives / (predicted + n_lesion)
+    best = int(np.argmax(dice))
+    return float(dice[best]), float(ranked[cut][best])
+
+
+def as_series(labels: Sequence[int] | np.ndarray, scores: Sequence[float] | np.ndarray) -> Series:
+    """Flat ``(labels, scores)`` arrays of equal length with 0/1 labels, or ValueError."""
+    labels = np.asarray(labels).ravel().astype(np.int64)
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    if labels.shape != scores.shape:
+        raise ValueError(f"{labels.size} labels but {scores.size} scores")
+    if not np.isin(labels, (0, 1)).all():
+        raise ValueError("labels must be 0 (normal) or 1 (abnormal)")
+    return labels, scores
+
+
+def region_pixels(
+    heatmap: np.ndarray, mask: np.ndarray, region: np.ndarray | None, case: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """The heatmap values and lesion flags of one case's pixels inside its region, as flat arrays."""
+    heatmap, lesion = np.asarray(heatmap), np.asarray(mask) != 0
+    if heatmap.shape != lesion.shape or (region is not None and np.shape(region) != heatmap.shape):
+        region_shape = np.shape(region) if region is not None else "-"
+        shapes = f"heatmap {heatmap.shape}, mask {lesion.shape}, region {region_shape}"
+        raise ValueError(f"case {case}: shapes differ ({shapes})")
+    if region is None:
+        return heatmap.astype(np.float32).ravel(), lesion.ravel()
+    inside = np.asarray(region) != 0
+    return heatmap[inside].astype(np.float32), lesion[inside]
+
+
+def subsample(
+    scores: np.ndarray, lesion: np.ndarray, keep: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """A uniform random subset of ``keep`` pixels (all of them when there are no more than that)."""
+    if keep >= scores.size:
+        return scores, lesion
+    index = np.sort(rng.choice(scores.size, size=keep, replace=False))
+    return scores[index], lesion[index]

@@ -1,0 +1,65 @@
+"""The written form of an evaluation: markdown tables and strict JSON."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+
+def metrics_markdown(results: Mapping[str, Mapping[str, Any]], level: str, fpr: float) -> str:
+    """The results as markdown tables: detection at ``level``, then case-level and pixel-level when present."""
+    lines = [
+        f"# Anomaly detection, {level} level",
+        "",
+        f"Threshold (thr): the {100 * (1 - fpr):g}th percentile of normal validation scores (target false positive "
+        f"rate {fpr:g}); a score above it is called abnormal. n/a: no validation scores given.",
+        "",
+        *_table(
+            ["method", "AUROC", "AP", "n normal", "n abnormal", "sens@thr", "spec@thr"],
+            [[name, r["auc"], r["ap"], r["n_normal"], r["n_abnormal"], r["sensitivity"], r["specificity"]]
+             for name, r in results.items()],
+        ),
+    ]
+    cases = {name: r["case"] for name, r in results.items() if "case" in r}
+    if cases:
+        lines += ["", "## Case level (scores.csv: one score per volume or image)", ""]
+        lines += _table(
+            ["method", "AUROC", "AP", "n normal", "n abnormal"],
+            [[name, c["auc"], c["ap"], c["n_normal"], c["n_abnormal"]] for name, c in cases.items()],
+        )
+    pixels = {name: r["pixel"] for name, r in results.items() if "pixel" in r}
+    if pixels:
+        lines += ["", "## Pixel level (inside the foreground region)", "",
+                  "Best Dice is maximised over thresholds on the test masks: an upper bound, not an operating point.",
+                  ""]
+        lines += _table(
+            ["method", "pixel AUROC", "pixel AP", "best Dice (upper bound)", "cases", "pixels used"],
+            [[name, p["pixel_auc"], p["pixel_ap"], p["dice_best_upper_bound"], p["n_cases"], p["n_pixels"]]
+             for name, p in pixels.items()],
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    """Markdown table lines; floats with 3 decimals (n/a for NaN), numbers right-aligned."""
+    lines = ["| " + " | ".join(header) + " |", "| --- |" + " ---: |" * (len(header) - 1)]
+    return lines + ["| " + " | ".join(_cell(value) for value in row) + " |" for row in rows]
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, (float, np.floating)):
+        return f"{value:.3f}" if np.isfinite(value) else "n/a"
+    return str(value)
+
+
+def json_safe(value: Any) -> Any:
+    """NaN -> null (strict JSON), numpy scalars -> Python numbers, recursively."""
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (float, np.floating)):
+        return float(value) if np.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value

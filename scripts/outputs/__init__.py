@@ -1,0 +1,1 @@
+"""Outputs: the file formats of a run (written and read), the writer handler, heatmap overlays."""

@@ -1,0 +1,220 @@
+"""``PatchRankingInferer``: turns a reconstructor into patch scores, ranked image scores and heatmaps.
+
+The ranking logic lives in the inferer (not in a post-processing step) so that every consumer of the bundle
+— the bundle's own evaluator, MONAI Label's ``BundleInferTask``, the exported models' tests — gets the same
+scores from ``inferer(inputs, network)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from monai.inferers import Inferer
+
+from scripts.config import require_bool
+from scripts.data.rules import FOREGROUND_MODES, foreground, select_slices
+from scripts.data.transforms import resize_slices
+from scripts.scoring.maps import critic_map, feature_distance_map, pixel_errors, ssim_error_map, standardise
+from scripts.scoring.patches import aggregate_slices, checkerboard_masks, grid_to_image, patch_grid, ranking_score
+
+TEST_INPUTS = ("inpaint", "image")
+SCORE_MAPS = ("squared", "ssim", "critic", "feature")
+CRITIC_MAPS = ("critic", "feature")  # the maps that need the trained critic
+
+
+@dataclass
+class AnomalyScores:
+    """Everything the inferer measured on one input batch (a volume or a batch of 2D images).
+
+    ``heatmap`` has the input's layout (``(B, 1, H, W)`` or ``(1, 1, H, W, D)``); per-slice tensors are indexed
+    by slice (axial index for a volume, batch index for images); ``slice_scores`` is NaN where a slice was not
+    scored (too little foreground); ``region`` ``(N, 1, H, W)`` is each slice's foreground at input resolution.
+    ``reconstruction`` and ``patch_errors`` cover the scored slices only, at the network's resolution.
+    """
+
+    heatmap: torch.Tensor
+    region: torch.Tensor
+    slice_scores: torch.Tensor
+    slice_valid: torch.Tensor
+    patch_errors: torch.Tensor
+    reconstruction: torch.Tensor
+    resized: torch.Tensor
+    case_scores: torch.Tensor
+
+
+class PatchRankingInferer(Inferer):
+    """Score images by targeted patch ranking of their reconstruction errors.
+
+    Args:
+        image_size: side of the square the network sees; slices are resized to it and heatmaps back.
+        patch_size: side of a scoring patch (the paper: 32 pixels at 256).
+        ranking_weights: weights of the top-ranked patch errors (paper: 1.1, 1.0); see ``ranking_score``.
+        ranking: False gives the paper's no-ranking ablation (mean patch error).
+        test_input: ``"inpaint"`` reconstructs every patch from its context in ``inpaint_stride**2`` masked
+            passes (a checkerboard of the patch grid); ``"image"`` feeds the unmasked image once.
+        inpaint_stride: checkerboard period in patches.
+        min_brain_fraction: volume slices with less foreground than this fraction of the largest are not scored.
+        foreground: ``"nonzero"`` (brain: normalised voxels above zero) or ``"all"`` (every pixel, e.g. skin).
+        volume_aggregation, top_k_slices: how slice scores become a volume score (``aggregate_slices``).
+        slice_batch_size: slices per network call; None: 32 on CUDA, 4 on a CPU (where larger batches are slower).
+        amp: bf16 autocast on CUDA.
+        score_maps: which per-pixel anomaly maps make the patch errors: ``squared`` reconstruction error (the
+            paper), ``ssim`` (1 - SSIM), ``critic`` (the PatchGAN critic's ``1 - D`` on the input), ``feature``
+            (distance between the critic's feature maps of the input and of the reconstruction); the last two need
+            ``critic``. Several maps are standardised with ``normal_stats`` and averaged.
+        critic: the trained PatchGAN critic, for the ``critic`` and ``feature`` maps.
+        normal_stats: per-pixel mean and std of each map on normal validation slices (a dict, or the path of the
+            ``.pt`` file written by ``scripts.scoring.calibration``); when given, every map becomes a z-map: how unusual the
+            error is for that place on normal data.
+    """
+
+    def __init__(
+        self,
+        image_size: int,
+        patch_size: int = 32,
+        ranking_weights: Sequence[float] = (1.1, 1.0),
+        ranking: bool = True,
+        test_input: str = "inpaint",
+        inpaint_stride: int = 2,
+        min_brain_fraction: float = 0.1,
+        foreground: str = "nonzero",
+        volume_aggregation: str = "topk_mean",
+        top_k_slices: int = 3,
+        slice_batch_size: int | None = None,
+        amp: bool = False,
+        score_maps: Sequence[str] = ("squared",),
+        critic: torch.nn.Module | None = None,
+        normal_stats: str | dict | None = None,
+    ) -> None:
+        super().__init__()
+        unknown = set(score_maps) - set(SCORE_MAPS)
+        if unknown or not score_maps:
+            raise ValueError(f"unknown score_maps {sorted(unknown)}: choose from {SCORE_MAPS}")
+        if set(CRITIC_MAPS) & set(score_maps) and critic is None:
+            raise ValueError(f"score_maps {sorted(set(CRITIC_MAPS) & set(score_maps))} need the trained critic as `critic`")
+        if len(score_maps) > 1 and not normal_stats:
+            raise ValueError("combining several score_maps needs normal_stats to put them on one scale")
+        if test_input not in TEST_INPUTS:
+            raise ValueError(f"unknown test_input {test_input!r}: use one of {TEST_INPUTS}")
+        if foreground not in FOREGROUND_MODES:
+            raise ValueError(f"unknown foreground {foreground!r}: use one of {FOREGROUND_MODES}")
+        if slice_batch_size is not None and int(slice_batch_size) < 1:
+            raise ValueError(f"slice_batch_size must be a positive number of slices, got {slice_batch_size}")
+        if image_size % patch_size:
+            raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
+        self.image_size, self.patch_size = image_size, patch_size
+        self.weights = tuple(ranking_weights) if require_bool("ranking", ranking) else None
+        self.test_input, self.inpaint_stride = test_input, inpaint_stride
+        self.min_brain_fraction, self.foreground = min_brain_fraction, foreground
+        self.volume_aggregation, self.top_k_slices = volume_aggregation, top_k_slices
+        self.slice_batch_size, self.amp = slice_batch_size, amp
+        self.score_maps, self.critic = tuple(score_maps), critic
+        self.normal_stats = load_normal_stats(normal_stats) if isinstance(normal_stats, str) else normal_stats
+
+    def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The anomaly heatmap of ``inputs``, same layout and spatial size (what MONAI Label shows as ``pred``)."""
+        return self.score(inputs, network).heatmap
+
+    @torch.no_grad()
+    def score(self, inputs: torch.Tensor, network: torch.nn.Module) -> AnomalyScores:
+        """Scores, heatmap and reconstruction of a volume ``(1, C, H, W, D)`` or images ``(B, C, H, W)``."""
+        is_volume = inputs.ndim == 5
+        if is_volume and inputs.shape[0] != 1:
+            raise ValueError(f"volumes are scored one at a time, got a batch of {inputs.shape[0]}")
+        slices = inputs[0].permute(3, 0, 1, 2) if is_volume else inputs
+        slices = torch.as_tensor(slices).float()
+        region = self._region(slices)
+        valid = select_slices(region.flatten(1).sum(1), self.min_brain_fraction if is_volume else 0.0)
+        resized = resize_slices(slices[valid], self.image_size)
+        recon = self.reconstruct(resized, network)
+        grid = patch_grid(self.anomaly_map(resized, recon), self.patch_size)
+        tissue = patch_grid(self._region(resized).float(), self.patch_size) > 0  # patches that touch the foreground
+        scores = torch.full((len(slices),), float("nan"), device=slices.device)
+        scores[valid] = ranking_score(grid, self.weights, tissue).to(scores.dtype)
+        heat = torch.zeros((len(slices), 1, *slices.shape[-2:]), device=slices.device)
+        heat[valid] = grid_to_image(grid, slices.shape[-2:])
+        heat = heat * region
+        heatmap = heat.permute(1, 2, 3, 0).unsqueeze(0) if is_volume else heat
+        case = aggregate_slices(scores[valid], self.volume_aggregation, self.top_k_slices).view(1) if is_volume else scores
+        return AnomalyScores(heatmap, region, scores, valid, grid, recon, resized, case)
+
+    def raw_maps(
+        self, images: torch.Tensor, recon: torch.Tensor, names: Sequence[str] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Per-pixel maps ``(N, 1, S, S)`` of resized slices and their reconstruction (default: ``score_maps``)."""
+        region = self._region(images)
+        maps = {}
+        for name in names or self.score_maps:
+            if name == "squared":
+                maps[name] = pixel_errors(images, recon, region)
+            elif name == "ssim":
+                maps[name] = ssim_error_map(images, recon, region)
+            elif name == "critic":
+                logits = self._run(images, self.critic.to(images.device).eval())
+                maps[name] = critic_map(logits, tuple(images.shape[-2:]), region)
+            else:
+                size = tuple(images.shape[-2:])
+                maps[name] = feature_distance_map(self._critic_features(images), self._critic_features(recon), size, region)
+        return maps
+
+    def anomaly_map(self, images: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+        """The per-pixel anomaly map: the raw map, or the mean of the z-maps when ``normal_stats`` is set."""
+        maps = self.raw_maps(images, recon)
+        if not self.normal_stats:
+            return next(iter(maps.values()))
+        region = self._region(images).float()
+        z = [standardise(m, self.normal_stats[k]["mean"], self.normal_stats[k]["std"]) for k, m in maps.items()]
+        return torch.stack(z).mean(0) * region
+
+    def reconstruct(self, images: torch.Tensor, network: torch.nn.Module) -> torch.Tensor:
+        """Reconstruction of each image: one unmasked pass, or the composite of the in-painting passes."""
+        if self.test_input == "image":
+            return self._run(images, network)
+        masks = checkerboard_masks(self.image_size, self.patch_size, self.inpaint_stride).to(images.device)
+        passes = (images.unsqueeze(0) * (1 - masks.unsqueeze(1))).flatten(0, 1)
+        recon = self._run(passes, network).view(len(masks), *images.shape)
+        return (recon * masks.unsqueeze(1)).sum(0)
+
+    def _autocast(self, images: torch.Tensor) -> Any:
+        """bf16 autocast for network calls on CUDA when ``amp`` is set; otherwise nothing."""
+        use_amp = self.amp and images.device.type == "cuda"
+        return torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else nullcontext()
+
+    def batch_size(self, images: torch.Tensor) -> int:
+        """Slices per network call on the device of ``images``."""
+        if self.slice_batch_size is not None:
+            return int(self.slice_batch_size)
+        return 32 if images.device.type == "cuda" else 4
+
+    def _run(self, images: torch.Tensor, network: torch.nn.Module) -> torch.Tensor:
+        outputs = []
+        with self._autocast(images):
+            for chunk in torch.split(images, self.batch_size(images)):
+                outputs.append(network(chunk).float())
+        return torch.cat(outputs) if outputs else images.clone()
+
+    def _critic_features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """The critic's intermediate feature maps of ``images``, computed in ``slice_batch_size`` chunks."""
+        critic = self.critic.to(images.device).eval()
+        with self._autocast(images):
+            chunks = [critic.features(chunk) for chunk in torch.split(images, self.batch_size(images))]
+        return [torch.cat([chunk[layer].float() for chunk in chunks]) for layer in range(len(chunks[0]))]
+
+    def _region(self, slices: torch.Tensor) -> torch.Tensor:
+        return foreground(slices, self.foreground)
+
+
+def load_normal_stats(path: str) -> dict[str, dict[str, torch.Tensor]]:
+    """The per-pixel normal statistics written by ``scripts.scoring.calibration`` (tensors only: no pickled code)."""
+    from scripts.data.io import InputError
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError as error:
+        raise InputError(f"{path}: normal statistics file not found") from error
+    except Exception as error:  # unpickling errors of many kinds: a text file, a pickle with code, a truncated file
+        raise InputError(f"{path}: not a normal statistics file ({type(error).__name__}: {error})") from error

@@ -1,0 +1,72 @@
+"""Per-pixel anomaly maps of an image and its reconstruction (pure tensor functions, ``(N, 1, H, W)``).
+
+``squared`` error (the paper), ``ssim`` (1 - SSIM), the PatchGAN ``critic``'s own judgement, ``feature`` distance
+between the critic's features of the input and of the reconstruction, and ``standardise`` (z-maps against
+normal statistics). Each map is zero outside ``region`` (the foreground of ``scripts.data.rules``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def pixel_errors(image: torch.Tensor, recon: torch.Tensor, region: torch.Tensor | None = None) -> torch.Tensor:
+    """Squared reconstruction error averaged over channels, ``(N, 1, H, W)``; zero outside ``region``."""
+    err = (image.float() - recon.float()).pow(2).mean(dim=1, keepdim=True)
+    return err if region is None else err * region.float()
+
+
+def ssim_error_map(image: torch.Tensor, recon: torch.Tensor, region: torch.Tensor | None = None, kernel: int = 7) -> torch.Tensor:
+    """Structural error ``1 - SSIM`` per pixel (MONAI's SSIM, Gaussian window), averaged over channels.
+
+    Unlike squared error it does not grow with the local intensity variance alone, so textured normal tissue
+    (skin, hair) is not ranked above a smooth lesion just for being busy. Padded back to full size.
+    """
+    from monai.metrics.regression import compute_ssim_and_cs
+
+    ssim, _ = compute_ssim_and_cs(
+        recon.float(), image.float(), spatial_dims=2, kernel_size=(kernel, kernel), kernel_sigma=(1.5, 1.5),
+        data_range=max(float(image.max() - image.min()), 1e-6),
+    )
+    pad = kernel // 2
+    err = F.pad(1 - ssim.mean(dim=1, keepdim=True), (pad, pad, pad, pad), mode="replicate")
+    return err if region is None else err * region.float()
+
+
+def critic_map(logits: torch.Tensor, size: tuple[int, int], region: torch.Tensor | None = None) -> torch.Tensor:
+    """The PatchGAN critic's judgement as a pixel map: ``1 - D = sigmoid(-logit)``, the probability that the patch
+    is fake (as ALOCC's ``1 - D`` novelty score), in [0, 1] so that zero outside ``region`` means "surely real";
+    brought to ``size`` bilinearly: ``(N, 1, h, w) -> (N, 1, H, W)``."""
+    out = torch.sigmoid(F.interpolate(-logits.float(), size=size, mode="bilinear", align_corners=False))
+    return out if region is None else out * region.float()
+
+
+def feature_distance_map(
+    features: Sequence[torch.Tensor],
+    recon_features: Sequence[torch.Tensor],
+    size: tuple[int, int],
+    region: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Feature-space error: distance between a network's feature maps of the input and of its reconstruction.
+
+    At each location of each layer the feature vectors are unit-normalised over channels (so that no layer
+    dominates by its scale) and their squared distance (0 to 4) is taken; each layer's map is brought to ``size``
+    bilinearly and the layers are averaged: ``(N, 1, H, W)``. A texture the reconstructor renders differently but
+    that the critic finds equally normal costs little; a change of what is there costs a lot.
+    """
+    if len(features) != len(recon_features) or not features:
+        raise ValueError(f"need the same non-zero number of layers, got {len(features)} and {len(recon_features)}")
+    maps = []
+    for a, b in zip(features, recon_features):
+        distance = (F.normalize(a.float(), dim=1) - F.normalize(b.float(), dim=1)).pow(2).sum(1, keepdim=True)
+        maps.append(F.interpolate(distance, size=size, mode="bilinear", align_corners=False))
+    out = torch.stack(maps).mean(0)
+    return out if region is None else out * region.float()
+
+
+def standardise(error_map: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """How unusual each pixel's error is for that place on normal data: ``(e - mean) / std`` (a z-map)."""
+    return (error_map - mean.to(error_map)) / (std.to(error_map) + eps)

@@ -1,0 +1,1 @@
+"""Packaging tools (not shipped in the bundle zip)."""
