@@ -29,17 +29,18 @@ import argparse
 import fnmatch
 import hashlib
 import json
-import os
 import re
 import shutil
 import sys
-import tempfile
 import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import yaml
+
+from scripts.data.io import write_atomic
 
 METADATA = Path("configs") / "metadata.json"
 FOLDERS = ("configs", "scripts", "docs")
@@ -185,22 +186,17 @@ def _dir_info(arcname: str) -> zipfile.ZipInfo:
 
 def write_zip(target: Path, folder: str, entries: Sequence[Entry], extra: dict[str, str]) -> None:
     """Write ``entries`` (streamed from disk) and ``extra`` (text) under ``folder/``, atomically."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(handle)
-    try:
-        with zipfile.ZipFile(tmp_name, "w", allowZip64=True) as archive:
+
+    def fill(handle: BinaryIO) -> None:
+        with zipfile.ZipFile(handle, "w", allowZip64=True) as archive:
             for entry in sorted(entries, key=lambda e: e.arcname):
                 with open(entry.source, "rb") as src, archive.open(_zip_info(f"{folder}/{entry.arcname}"), "w") as dst:
                     shutil.copyfileobj(src, dst, 1 << 20)
             for arcname, text in sorted(extra.items()):
                 archive.writestr(_zip_info(f"{folder}/{arcname}"), text.encode("utf-8"))
             archive.writestr(_dir_info(f"{folder}/{MODELS}"), b"")
-        os.chmod(tmp_name, 0o644)
-        os.replace(tmp_name, target)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+
+    write_atomic(target, fill)
 
 
 def collect_entries(bundle_root: Path) -> list[Entry]:

@@ -54,6 +54,21 @@ def select_slices(area: torch.Tensor, min_fraction: float) -> torch.Tensor:
     return (area > 0) & (area >= min_fraction * area.max())
 
 
+# ----------------------------------------------------------------------------------------------- slices
+
+
+def axial_slices(volume: torch.Tensor) -> torch.Tensor:
+    """A channel-first RAS volume ``(C, H, W, D)`` as its stack of axial slices ``(D, C, H, W)``; a 2D image
+    ``(C, H, W)`` is a stack of one."""
+    volume = torch.as_tensor(volume)
+    return volume.unsqueeze(0) if volume.ndim == 3 else volume.permute(3, 0, 1, 2)
+
+
+def stack_to_volume(slices: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``axial_slices`` for a volume: ``(D, C, H, W) -> (C, H, W, D)``."""
+    return slices.permute(1, 2, 3, 0)
+
+
 # ----------------------------------------------------------------------------------------------- slice labels
 
 

@@ -21,6 +21,7 @@ from scripts.data import io
 from scripts.data.rules import (
     AMBIGUOUS,
     UNKNOWN,
+    axial_slices,
     background_foreground,
     foreground,
     is_2d_image,
@@ -142,8 +143,8 @@ class VolumeToSlicesd(MapTransform):
         d = dict(data)
         image = torch.as_tensor(np.asarray(d[self.image_key]))
         seg = d.get(self.seg_key)
-        slices = image.unsqueeze(0) if image.ndim == 3 else image.permute(3, 0, 1, 2)
-        segs = None if seg is None else self._stack(torch.as_tensor(np.asarray(seg)))
+        slices = axial_slices(image)
+        segs = None if seg is None else axial_slices(torch.as_tensor(np.asarray(seg)))
         keep = select_slices(foreground(slices).flatten(1).sum(1), self.min_brain_fraction)
         # a 2D picture's class (benign/malignant) is its label; its lesion mask only localises (a benign nevus is
         # a lesion too). A volume's slices are labelled from its segmentation.
@@ -157,10 +158,6 @@ class VolumeToSlicesd(MapTransform):
         d["slice_index"] = index
         d["label"] = labels[index]
         return d
-
-    @staticmethod
-    def _stack(seg: torch.Tensor) -> torch.Tensor:
-        return seg.unsqueeze(0) if seg.ndim == 3 else seg.permute(3, 0, 1, 2)
 
     def _labels(self, segs: torch.Tensor | None, case_label: Any, n: int) -> torch.Tensor:
         """Per-slice labels (``rules.slice_labels``), or the case label (``UNKNOWN`` without one) for every slice."""

@@ -17,7 +17,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from scripts.config import require_bool
-from scripts.data.rules import slice_labels
+from scripts.data.rules import axial_slices, slice_labels
 from scripts.outputs import formats
 from scripts.outputs.overlays import overlay_figure
 from scripts.scoring.inferer import AnomalyScores
@@ -77,9 +77,9 @@ class AnomalyScoreWriter:
 
     def _collect_volume(self, out: dict[str, Any], scores: AnomalyScores) -> None:
         case_id = out["case_id"][0]
-        slices = out["image"][0].permute(3, 0, 1, 2).cpu()
+        slices = axial_slices(out["image"][0]).cpu()
         seg = out.get("seg")
-        labels = slice_labels(seg[0].permute(3, 0, 1, 2), self.min_lesion_voxels).tolist() if seg is not None else None
+        labels = slice_labels(axial_slices(seg[0]), self.min_lesion_voxels).tolist() if seg is not None else None
         self.case_rows.append([case_id, float(scores.case_scores[0]), formats.label_cell(_first(out.get("label")))])
         trivial = trivial_scores(slices, scores.region.cpu(), scores.slice_valid.cpu())
         for i in torch.nonzero(scores.slice_valid).flatten().tolist():

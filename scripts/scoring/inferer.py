@@ -16,7 +16,7 @@ import torch
 from monai.inferers import Inferer
 
 from scripts.config import require_bool
-from scripts.data.rules import FOREGROUND_MODES, foreground, select_slices
+from scripts.data.rules import FOREGROUND_MODES, axial_slices, foreground, select_slices, stack_to_volume
 from scripts.data.transforms import resize_slices
 from scripts.scoring.maps import critic_map, feature_distance_map, pixel_errors, ssim_error_map, standardise
 from scripts.scoring.patches import aggregate_slices, checkerboard_masks, grid_to_image, patch_grid, ranking_score
@@ -125,7 +125,7 @@ class PatchRankingInferer(Inferer):
         is_volume = inputs.ndim == 5
         if is_volume and inputs.shape[0] != 1:
             raise ValueError(f"volumes are scored one at a time, got a batch of {inputs.shape[0]}")
-        slices = inputs[0].permute(3, 0, 1, 2) if is_volume else inputs
+        slices = axial_slices(inputs[0]) if is_volume else inputs
         slices = torch.as_tensor(slices).float()
         region = self._region(slices)
         valid = select_slices(region.flatten(1).sum(1), self.min_brain_fraction if is_volume else 0.0)
@@ -138,7 +138,7 @@ class PatchRankingInferer(Inferer):
         heat = torch.zeros((len(slices), 1, *slices.shape[-2:]), device=slices.device)
         heat[valid] = grid_to_image(grid, slices.shape[-2:])
         heat = heat * region
-        heatmap = heat.permute(1, 2, 3, 0).unsqueeze(0) if is_volume else heat
+        heatmap = stack_to_volume(heat).unsqueeze(0) if is_volume else heat
         case = aggregate_slices(scores[valid], self.volume_aggregation, self.top_k_slices).view(1) if is_volume else scores
         return AnomalyScores(heatmap, region, scores, valid, grid, recon, resized, case)
 
