@@ -80,6 +80,10 @@ def test_compare_trains_every_method_and_writes_the_comparison(tmp_path):
 def test_compare_trains_on_one_folder_and_tests_on_another(tmp_path):
     generate_dataset(tmp_path / "a", n_cases=6, shape=(40, 40, 16), seed=1, abnormal_fraction=0.5)
     generate_dataset(tmp_path / "b", n_cases=4, shape=(40, 40, 16), seed=2, abnormal_fraction=0.5)
+    for case in sorted((tmp_path / "b").iterdir()):  # another site's patients: other case ids
+        for file in case.iterdir():
+            file.rename(case / file.name.replace("SYN", "SITEB"))
+        case.rename(case.with_name(case.name.replace("SYN", "SITEB")))
     out = tmp_path / "out"
     main(["--train", str(tmp_path / "a"), "--test", str(tmp_path / "b"), "--output", str(out),
                   "--methods", "patchgan_ranking,ocsvm", *TINY])
@@ -90,6 +94,13 @@ def test_compare_trains_on_one_folder_and_tests_on_another(tmp_path):
     assert all(str(tmp_path / "b") in item["image"] for item in datalist["testing"])
     assert all(str(tmp_path / "a") in item["image"] for item in datalist["training"] + datalist["validation"])
     assert len(datalist["testing"]) == 4
+
+
+def test_train_and_test_folders_that_share_case_ids_are_refused(tmp_path):
+    generate_dataset(tmp_path / "a", n_cases=4, shape=(32, 32, 16), seed=1, abnormal_fraction=0.5)
+    generate_dataset(tmp_path / "b", n_cases=3, shape=(32, 32, 16), seed=2, abnormal_fraction=0.5)
+    with pytest.raises(SystemExit, match="SYN_000"):
+        main(["--train", str(tmp_path / "a"), "--test", str(tmp_path / "b"), "--output", str(tmp_path / "out"), *TINY])
 
 
 def test_bad_arguments_are_refused(tmp_path):

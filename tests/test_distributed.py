@@ -30,7 +30,7 @@ def test_torchrun_trains_on_two_processes_and_saves_bare_checkpoints(tmp_path):
     (tmp_path / "datalist.json").write_text(json.dumps(datalist))
     models = tmp_path / "models"
     settings = {**TINY, "datalist": str(tmp_path / "datalist.json"), "output_dir": str(tmp_path / "train"),
-                "ckpt_dir": str(models), "max_epochs": 1, "val_interval": 1}
+                "ckpt_dir": str(models), "max_epochs": 1, "val_interval": 1, "device": "cpu"}  # a string, as MONAI Label passes it
     args = [arg for key, value in settings.items() for arg in (f"--{key}", str(value))]
     cmd = [*torchrun(), "--standalone", f"--nproc_per_node={WORLD}", "-m", "monai.bundle", "run", "training",
            "--config_file", "['configs/train.json','configs/multi_gpu_train.json']", *args]

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from scripts.config import require_bool
 from scripts.data.datalist import case_items
-from scripts.data.io import write_atomic
+from scripts.data.io import InputError, write_atomic
 from scripts.data.transforms import BrainPercentileNormalized, LoadCased, VolumeToSlicesd
 
 logger = logging.getLogger(__name__)
@@ -33,10 +33,11 @@ RECORD_ARRAYS = ("image", "brain", "seg", "slice_index", "label")
 
 
 def case_to_slices(
-    image_size: int, min_brain_fraction: float = 0.1, min_lesion_voxels: int = 20, normalize: bool = True
+    image_size: int, min_brain_fraction: float = 0.1, min_lesion_voxels: int = 20, normalize: bool = True,
+    channels: int | None = None,
 ) -> Compose:
     """The per-case pipeline: read (RAS), normalise inside the brain, cut into labelled resized slices."""
-    steps: list[Callable] = [LoadCased()]
+    steps: list[Callable] = [LoadCased(channels=channels)]
     if normalize:
         steps.append(BrainPercentileNormalized("image"))
     steps.append(VolumeToSlicesd(image_size, min_brain_fraction, min_lesion_voxels))
@@ -90,6 +91,7 @@ def build_slice_records(
     cache_dir: str | os.PathLike | None = None,
     num_workers: int = 0,
     labels: Sequence[int] | None = None,
+    channels: int | None = None,
 ) -> list[dict[str, Any]]:
     """Slice records (see docs/architecture.md) of every readable case, optionally only some ``labels``."""
     require_bool("normalize", normalize)
@@ -98,7 +100,7 @@ def build_slice_records(
     cache = Path(cache_dir) if cache_dir else None
     if cache is not None:
         cache.mkdir(parents=True, exist_ok=True)
-    pipeline = case_to_slices(image_size, min_brain_fraction, min_lesion_voxels, normalize)
+    pipeline = case_to_slices(image_size, min_brain_fraction, min_lesion_voxels, normalize, channels)
     loader = DataLoader(_CaseDataset(items, pipeline, cache, params), batch_size=None, num_workers=num_workers)
     records: list[dict[str, Any]] = []
     failed: list[str] = []
@@ -143,10 +145,14 @@ class SafeCaseDataset(MonaiDataset):
 
 
 def _root_message(error: BaseException) -> str:
-    """The innermost cause of an exception (MONAI wraps transform errors), which names the file."""
-    while error.__cause__ is not None:
-        error = error.__cause__
-    return f"{type(error).__name__}: {error}"
+    """What went wrong, in the bundle's words: the ``InputError`` (which names the file) inside MONAI's wrapping of
+    transform errors, else the innermost cause."""
+    chain = [error]
+    while chain[-1].__cause__ is not None:
+        chain.append(chain[-1].__cause__)
+    ours = [e for e in chain if isinstance(e, InputError)]
+    found = ours[0] if ours else chain[-1]
+    return f"{type(found).__name__}: {found}"
 
 
 class SliceDataset(MonaiDataset):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import sys
@@ -30,10 +31,19 @@ from typing import Any
 import numpy as np
 
 from scripts.data.io import InputError, write_json
-from scripts.data.layouts import LAYOUTS, detect_layout, find_brats_cases, find_image_cases, find_msd_cases
+from scripts.data.layouts import (
+    LAYOUTS,
+    detect_layout,
+    find_brats_cases,
+    find_image_cases,
+    find_msd_cases,
+    find_volume_cases,
+)
 from scripts.data.rules import check_case_id, check_unique_case_ids, file_case_id
 
 SPLITS = ("training", "validation", "testing")
+
+logger = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------------------ public API
@@ -67,6 +77,8 @@ def build_datalist(
         items = find_brats_cases(root)
     elif layout == "msd":
         items = find_msd_cases(root, channel)
+    elif layout == "volumes":
+        items = find_volume_cases(root)
     else:
         items = find_image_cases(root, labels_csv, masks_dir)
     labels = {item["case_id"]: item["label"] for item in items if "label" in item}
@@ -172,8 +184,13 @@ def load_datalist_dict(
     base_dir: str | os.PathLike | None = None,
     source: str = "datalist",
 ) -> list[dict[str, Any]]:
-    """Like ``load_datalist`` for an in-memory datalist; ``split=None`` returns the items of every split."""
+    """Like ``load_datalist`` for an in-memory datalist; ``split=None`` returns the items of every split.
+
+    Refuses (``InputError`` naming the ids) a case id that occurs twice in a split or in two splits: two score
+    rows and one overwritten heatmap, or a patient trained on and tested.
+    """
     base = Path(base_dir if base_dir is not None else datalist.get("dataset_dir") or ".")
+    _check_disjoint_splits(datalist, source)
     names = [name for name in SPLITS if isinstance(datalist.get(name), list)] if split is None else [split]
     items: list[dict[str, Any]] = []
     for name in names:
@@ -186,6 +203,19 @@ def load_datalist_dict(
 
 
 # ------------------------------------------------------------------------------------------------ helpers
+
+
+def _check_disjoint_splits(datalist: Mapping[str, Any], source: str) -> None:
+    seen: dict[str, str] = {}
+    shared: set[str] = set()
+    for name in SPLITS:
+        for item in datalist.get(name) or []:
+            case_id = str(item.get("case_id") or file_case_id(str(item.get("image", "")))) if isinstance(item, Mapping) else ""
+            if case_id and seen.setdefault(case_id, name) != name:
+                shared.add(f"{case_id} ({seen[case_id]}, {name})")
+    if shared:
+        raise InputError(f"{source}: cases in two splits (a patient must not be trained on and tested): "
+                         f"{', '.join(sorted(shared))}")
 
 
 def _allocate(n: int, fractions: Sequence[float], deficit: Sequence[float]) -> list[int]:
@@ -237,6 +267,8 @@ def inference_items(
     Labels are optional: a folder of unlabelled volumes or a single file is scored all the same. ``base_dir``
     resolves a datalist's relative paths when its data has moved.
     """
+    if not str(source).strip():
+        raise InputError("nothing to score: give --input_path (a datalist JSON, a folder of cases or one file)")
     path = Path(source)
     if path.suffix == ".json":
         return load_datalist(path, split, base_dir)
@@ -245,6 +277,30 @@ def inference_items(
     if not path.exists():
         raise InputError(f"{path}: no such file or folder to score")
     return [{"case_id": check_case_id(file_case_id(path), str(path)), "image": str(path.resolve())}]
+
+
+def training_datalist(
+    datalist: str | os.PathLike, dataset_dir: str | os.PathLike, output_dir: str | os.PathLike, seed: int = 0
+) -> str:
+    """The datalist a training run reads: ``datalist`` when given, else one built from ``dataset_dir`` alone.
+
+    Model-zoo bundles are trained with ``--dataset_dir DIR``: then the cases of ``DIR`` are split by patient with
+    ``seed`` (60/20/20) and the split is written to ``<output_dir>/datalist.json``, so that the run's validation
+    and the later test set are on record. Without either, ``InputError`` says which command builds one.
+    """
+    if datalist:
+        if not Path(datalist).is_file():
+            raise InputError(f"{datalist}: datalist file not found (python -m scripts.data.datalist --dataset-dir DIR "
+                             "--output FILE builds one, or train with --dataset_dir DIR alone)")
+        return str(datalist)
+    if not dataset_dir:
+        raise InputError("no training data: give --dataset_dir DIR (split by patient on the fly) or --datalist FILE "
+                         "(python -m scripts.data.datalist --dataset-dir DIR --output FILE)")
+    path = Path(output_dir) / "datalist.json"
+    built = build_datalist(dataset_dir, seed=seed)
+    write_json(built, path)
+    logger.info("%s: %s (split of %s with seed %d)", path, _summary(built), dataset_dir, seed)
+    return str(path)
 
 
 def case_items(items: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -280,7 +336,7 @@ def _summary(datalist: Mapping[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point: build the datalist of a folder and write it as JSON."""
     parser = argparse.ArgumentParser(prog="python -m scripts.data.datalist", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset-dir", required=True, help="dataset folder (BraTS, MSD Task01 or 2D images)")
+    parser.add_argument("--dataset-dir", required=True, help="dataset folder (BraTS, MSD Task01, volumes or 2D images)")
     parser.add_argument("--output", required=True, help="datalist JSON to write")
     parser.add_argument("--layout", default="auto", choices=LAYOUTS)
     parser.add_argument("--labels-csv", help="2D images: CSV image_id,label (benign|malignant, normal|abnormal, 0|1)")

@@ -162,6 +162,16 @@ def write_json(data: Any, path: str | os.PathLike) -> None:
     write_text(path, json.dumps(data, indent=2) + "\n")
 
 
+def make_folder(path: str | os.PathLike) -> Path:
+    """Create an output folder (and its parents); ``InputError`` in words when a file stands in its place."""
+    path = Path(path)
+    blocking = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise InputError(f"{blocking}: is a file, so {path} cannot be created as an output folder")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

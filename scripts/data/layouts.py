@@ -4,6 +4,8 @@ Layouts (``detect_layout`` picks one):
 
 - ``brats``: ``<case>/<case>_flair.<ext>`` with an optional ``<case>_seg.<ext>`` (BraTS 2013-2021 naming), the case
   folders optional (a flat folder of ``<case>_flair.<ext>`` works the same);
+- ``volumes``: any volume files (``<case>.nii.gz``, ``.nii``, ``.mha``, ``.nrrd``), flat or in sub-folders, each a
+  case, with an optional ``<case>_seg.<ext>`` beside it (what a scanner export or a folder of unlabelled scans is);
 - ``msd``: Medical Segmentation Decathlon Task01 (``dataset.json``, 4D ``imagesTr/``, ``labelsTr/``);
 - ``images``: a folder of JPEG/PNG images with an optional ``image_id,label`` CSV and a masks folder.
 """
@@ -11,14 +13,18 @@ Layouts (``detect_layout`` picks one):
 from __future__ import annotations
 
 import csv
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 from scripts.data.io import InputError, read_mask
-from scripts.data.rules import strip_suffix
+from scripts.data.rules import file_case_id, strip_suffix
 
-LAYOUTS = ("auto", "brats", "msd", "images")
+logger = logging.getLogger(__name__)
+
+LAYOUTS = ("auto", "brats", "msd", "volumes", "images")
+MASK_SUFFIXES = ("_seg", "_brainmask", "_mask", "_label")
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".mha", ".nrrd")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 MASK_NAME_PATTERNS = ("{}_segmentation.png", "{}.png")
@@ -27,39 +33,78 @@ ABNORMAL_LABELS = {"malignant", "abnormal", "1", "1.0", "true"}
 
 
 def detect_layout(dataset_dir: str | os.PathLike) -> str:
-    """``msd`` when ``dataset.json`` and ``imagesTr/`` exist, ``brats`` when ``*_flair`` volumes exist, else ``images``."""
+    """``msd`` when ``dataset.json`` and ``imagesTr/`` exist, ``brats`` when ``*_flair`` volumes exist, ``volumes``
+    when other volume files exist, else ``images``."""
     root = Path(dataset_dir)
+    if not root.is_dir():
+        raise InputError(f"{root}: dataset folder not found")
     if (root / "dataset.json").is_file() and (root / "imagesTr").is_dir():
         return "msd"
     if any(strip_suffix(p.name, VOLUME_SUFFIXES) for p in root.rglob("*_flair.*") if _visible(p)):
         return "brats"
+    if _volume_files(root):
+        return "volumes"
     if any(_is_image(p) for p in root.rglob("*")):
         return "images"
-    raise InputError(f"{root}: no FLAIR volumes (<case>_flair.nii.gz), MSD dataset.json or JPEG/PNG images found")
+    raise InputError(f"{root}: no volumes (.nii.gz, .nii, .mha, .nrrd), MSD dataset.json or JPEG/PNG images found")
 
 
 def find_brats_cases(dataset_dir: str | os.PathLike) -> list[dict[str, Any]]:
-    """One item per ``<case>/<case>_flair.<ext>`` found below ``dataset_dir``; labelled when a seg exists."""
+    """One item per ``<case>_flair.<ext>`` found below ``dataset_dir`` (case folders or flat); the case id is the
+    file's ``<case>`` prefix; labelled when a ``<case>_seg.<ext>`` beside it is readable."""
     root = Path(dataset_dir)
     flairs: dict[str, Path] = {}
     for path in sorted(root.rglob("*_flair.*"), key=_volume_priority):
         stem = strip_suffix(path.name, VOLUME_SUFFIXES)
         if stem is None or not _visible(path) or not path.is_file():
             continue
-        case_id = path.parent.name
+        case_id = stem[: -len("_flair")]
         if case_id in flairs and flairs[case_id].parent != path.parent:
-            raise InputError(f"{path}: case {case_id!r} also found at {flairs[case_id]} (case folders must be unique)")
+            raise InputError(f"{path}: case {case_id!r} also found at {flairs[case_id]} (case ids must be unique)")
         flairs.setdefault(case_id, path)
     if not flairs:
-        raise InputError(f"{root}: no <case>/<case>_flair.<ext> volumes found (ext: {', '.join(VOLUME_SUFFIXES)})")
-    items = []
-    for case_id, flair in sorted(flairs.items()):
-        item: dict[str, Any] = {"case_id": case_id, "image": str(flair)}
-        seg = _find_seg(flair)
-        if seg is not None:
-            item.update(seg=str(seg), label=_has_lesion(seg))
-        items.append(item)
-    return items
+        raise InputError(f"{root}: no <case>_flair.<ext> volumes found (ext: {', '.join(VOLUME_SUFFIXES)})")
+    return [_volume_item(case_id, flair, _find_seg(flair, "_flair")) for case_id, flair in sorted(flairs.items())]
+
+
+def find_volume_cases(dataset_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """One item per volume file below ``dataset_dir`` (masks beside them excluded); the case id is the file name
+    without its extension; labelled when a ``<case>_seg.<ext>`` beside it is readable."""
+    root = Path(dataset_dir)
+    volumes = _volume_files(root)
+    if not volumes:
+        raise InputError(f"{root}: no volume files found (ext: {', '.join(VOLUME_SUFFIXES)})")
+    cases: dict[str, Path] = {}
+    for path in volumes:
+        case_id = file_case_id(path)
+        if case_id in cases:
+            raise InputError(f"{path}: case {case_id!r} also found at {cases[case_id]} (case ids must be unique)")
+        cases[case_id] = path
+    return [_volume_item(case_id, path, _find_seg(path, "")) for case_id, path in sorted(cases.items())]
+
+
+def _volume_files(root: Path) -> list[Path]:
+    """Volume files below ``root``, one per stem (NIfTI preferred), without the masks that sit beside them."""
+    found: dict[tuple[Path, str], Path] = {}
+    for path in sorted(root.rglob("*"), key=_volume_priority):
+        stem = strip_suffix(path.name, VOLUME_SUFFIXES)
+        if stem is None or not _visible(path) or not path.is_file() or stem.lower().endswith(MASK_SUFFIXES):
+            continue
+        found.setdefault((path.parent, stem), path)
+    return sorted(found.values())
+
+
+def _volume_item(case_id: str, image: Path, seg: Path | None) -> dict[str, Any]:
+    """A case item; the label comes from the mask, and a mask that cannot be read is kept (its case then fails on
+    its own, with the file named) rather than stopping the whole datalist."""
+    item: dict[str, Any] = {"case_id": case_id, "image": str(image)}
+    if seg is not None:
+        item["seg"] = str(seg)
+        try:
+            item["label"] = _has_lesion(seg)
+        except InputError as error:
+            logger.error("case %s: lesion mask unreadable, case kept without a label: %s", case_id, error)
+    return item
 
 
 def find_msd_cases(dataset_dir: str | os.PathLike, channel: int = 0) -> list[dict[str, Any]]:
@@ -149,12 +194,12 @@ def _has_lesion(seg: Path) -> int:
     return int(read_mask(seg).any())
 
 
-def _find_seg(flair: Path) -> Path | None:
-    """``<case>_seg.<ext>`` beside a FLAIR volume, any of the volume extensions."""
-    stem = strip_suffix(flair.name, VOLUME_SUFFIXES)
-    prefix = stem[: -len("_flair")]
+def _find_seg(image: Path, image_suffix: str) -> Path | None:
+    """``<case>_seg.<ext>`` beside a volume named ``<case><image_suffix>.<ext>``, any of the volume extensions."""
+    stem = strip_suffix(image.name, VOLUME_SUFFIXES)
+    prefix = stem[: len(stem) - len(image_suffix)]
     for suffix in VOLUME_SUFFIXES:
-        candidate = flair.parent / f"{prefix}_seg{suffix}"
+        candidate = image.parent / f"{prefix}_seg{suffix}"
         if candidate.is_file():
             return candidate
     return None

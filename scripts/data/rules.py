@@ -22,6 +22,7 @@ UNKNOWN = -1  # no mask and no case label
 IMAGE_2D_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd")
 SAFE_CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+MIN_SIDE = 16  # pixels per side of a slice or picture: below this there is no patch context to in-paint from
 
 
 # ----------------------------------------------------------------------------------------------- foreground
@@ -52,6 +53,19 @@ def foreground(slices: torch.Tensor, mode: str = "nonzero") -> torch.Tensor:
 def select_slices(area: torch.Tensor, min_fraction: float) -> torch.Tensor:
     """Slices whose foreground area is at least ``min_fraction`` of the largest (and not empty)."""
     return (area > 0) & (area >= min_fraction * area.max())
+
+
+def check_scorable(path: str | Path, image: np.ndarray, channels: int | None = None) -> None:
+    """``InputError`` naming ``path`` for a channel-first image ``(C, H, W[, D])`` the model cannot score: fewer than
+    ``MIN_SIDE`` pixels per in-plane side, or (with ``channels``) another channel count than the model's."""
+    shape = tuple(np.shape(image))
+    side = min(shape[1:3])
+    if side < MIN_SIDE:
+        raise InputError(f"{path}: too small to score ({shape[1]}x{shape[2]} pixels per slice; at least "
+                         f"{MIN_SIDE}x{MIN_SIDE})")
+    if channels is not None and shape[0] != int(channels):
+        raise InputError(f"{path}: {shape[0]} channel(s), the model expects {channels} (in_channels): "
+                         f"{'a grey picture in a colour run' if shape[0] < int(channels) else 'a colour picture in a grey run'}")
 
 
 # ----------------------------------------------------------------------------------------------- slices

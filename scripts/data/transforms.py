@@ -23,6 +23,7 @@ from scripts.data.rules import (
     UNKNOWN,
     axial_slices,
     background_foreground,
+    check_scorable,
     foreground,
     is_2d_image,
     select_slices,
@@ -47,11 +48,15 @@ class LoadCased(MapTransform):
 
     Volumes are reoriented to RAS; ``image_meta_dict`` keeps the original affine and the orientation change so
     that heatmaps can be written back on the input grid. A 4D volume needs the item's ``channel`` entry.
+    ``channels`` (the model's ``in_channels``, when given) and ``rules.check_scorable`` refuse, naming the file, a
+    picture of another channel count and an image too small to score.
     """
 
-    def __init__(self, image_key: str = "image", seg_key: str = "seg", allow_missing_keys: bool = True) -> None:
+    def __init__(
+        self, image_key: str = "image", seg_key: str = "seg", allow_missing_keys: bool = True, channels: int | None = None
+    ) -> None:
         super().__init__([image_key, seg_key], allow_missing_keys)
-        self.image_key, self.seg_key = image_key, seg_key
+        self.image_key, self.seg_key, self.channels = image_key, seg_key, channels
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -68,6 +73,7 @@ class LoadCased(MapTransform):
             if seg_path:
                 mask = io.read_mask(str(seg_path), volume)
                 d[self.seg_key] = self._canonical(nib.Nifti1Image(mask.astype(np.uint8), volume.affine)).astype(np.uint8)
+        check_scorable(path, image, self.channels)
         d[self.image_key] = image
         d[f"{self.image_key}_meta_dict"] = meta
         return d

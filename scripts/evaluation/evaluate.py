@@ -105,12 +105,22 @@ def evaluate(
         source = validation.get(first if name.startswith(TRIVIAL_PREFIX) else name)
         results[name] = _method_result(labels, scores, validation_series.get(name), source, fpr, level)
     for name in (name for name in results if name in tables):
+        _add_failures(results[name], methods[name])
         if level == "slice":
             _add_case_level(results[name], tables[name][0])
         if datalist is not None:
             _add_pixel_level(results[name], methods[name], datalist, max_pixels)
     _write_outputs(Path(eval_dir or output_dir), results, series, level, fpr)
     return results
+
+
+def _add_failures(result: dict[str, Any], folder: Path) -> None:
+    """The cases the inference could not score (``errors.csv``): counted, named in the log and in metrics.md."""
+    failed = formats.read_table(folder / formats.ERRORS).get("case_id", [])
+    result["n_failed_cases"] = len(failed)
+    if len(failed):
+        logger.warning("%s: %d case(s) failed and are not in these metrics (%s): %s", folder, len(failed),
+                       folder / formats.ERRORS, ", ".join(map(str, failed[:10])))
 
 
 def _validation_folders(

@@ -22,6 +22,10 @@ def metrics_markdown(results: Mapping[str, Mapping[str, Any]], level: str, fpr: 
              for name, r in results.items()],
         ),
     ]
+    failed = {name: r["n_failed_cases"] for name, r in results.items() if r.get("n_failed_cases")}
+    if failed:
+        lines += ["", "**Failed cases are not in these figures**: " + ", ".join(
+            f"{name}: {n} case(s) (its errors.csv)" for name, n in failed.items()) + "."]
     cases = {name: r["case"] for name, r in results.items() if "case" in r}
     if cases:
         lines += ["", "## Case level (scores.csv: one score per volume or image)", ""]

@@ -33,11 +33,13 @@ SCORES = "scores.csv"
 SLICE_SCORES = "slice_scores.csv"
 ERRORS = "errors.csv"
 HEATMAPS = "heatmaps"
+OVERLAYS = "overlays"
 SCORE_COLUMNS = ["case_id", "score", "label"]
 SLICE_COLUMNS = ["case_id", "slice_index", "score", "trivial_intensity", "trivial_position", "trivial_darkness", "label"]
 ERROR_COLUMNS = ["case_id", "error"]
 PNG_SCALE = 10000.0  # 2D heatmaps are 16-bit PNGs holding round(error * PNG_SCALE)
 VOLUME_HEATMAP, PICTURE_HEATMAP = "_heatmap.nii.gz", "_heatmap.png"
+VOLUME_OVERLAY, PICTURE_OVERLAY = "_top_slices.png", "_overlay.png"
 
 
 # ----------------------------------------------------------------------------------------------- tables
@@ -102,6 +104,27 @@ def _column(name: str, values: list[str]) -> np.ndarray:
 def heatmap_path(output_dir: str | os.PathLike, case_id: str, volume: bool) -> Path:
     """Where a case's heatmap goes in an output folder."""
     return Path(output_dir) / HEATMAPS / f"{case_id}{VOLUME_HEATMAP if volume else PICTURE_HEATMAP}"
+
+
+def overlay_path(output_dir: str | os.PathLike, case_id: str, volume: bool) -> Path:
+    """Where a case's overlay picture goes in an output folder."""
+    return Path(output_dir) / OVERLAYS / f"{case_id}{VOLUME_OVERLAY if volume else PICTURE_OVERLAY}"
+
+
+def clear_results(output_dir: str | os.PathLike) -> int:
+    """Remove a previous run's results from an output folder (the tables first), so that a re-run, or a re-run that
+    is killed, never leaves old scores beside new heatmaps. Only files of these formats' names are touched."""
+    folder = Path(output_dir)
+    removed = 0
+    patterns = [(folder, name) for name in (SCORES, SLICE_SCORES, ERRORS)]
+    patterns += [(folder / HEATMAPS, f"*{VOLUME_HEATMAP}"), (folder / HEATMAPS, f"*{PICTURE_HEATMAP}"),
+                 (folder / OVERLAYS, f"*{VOLUME_OVERLAY}"), (folder / OVERLAYS, f"*{PICTURE_OVERLAY}")]
+    for parent, pattern in patterns:
+        for path in parent.glob(pattern) if parent.is_dir() else []:
+            if path.is_file():
+                path.unlink()
+                removed += 1
+    return removed
 
 
 def find_heatmap(output_dir: str | os.PathLike, case_id: str) -> Path | None:

@@ -60,6 +60,11 @@ class AnomalyScoreWriter:
 
     def _reset(self, engine: Engine) -> None:
         self.case_rows, self.slice_rows, self.error_rows = [], [], []
+        if self.output_dir.exists() and not self.output_dir.is_dir():
+            raise NotADirectoryError(f"{self.output_dir}: output_dir is a file, not a folder")
+        removed = formats.clear_results(self.output_dir)
+        if removed:
+            logger.info("removed %d result files of a previous run from %s", removed, self.output_dir)
         (self.output_dir / formats.HEATMAPS).mkdir(parents=True, exist_ok=True)
 
     def _collect(self, engine: Engine) -> None:
@@ -109,7 +114,7 @@ class AnomalyScoreWriter:
                 seg = out.get("seg")
                 mask = None if seg is None else seg[i, 0].cpu().numpy()
                 overlay_figure([images[i].numpy()], [heat], [f"{case_id}  score {score:.4g}"],
-                               self.output_dir / "overlays" / f"{case_id}_overlay.png", [mask], transpose=False)
+                               formats.overlay_path(self.output_dir, case_id, volume=False), [mask], transpose=False)
 
     def _overlay_volume(self, case_id: str, slices: torch.Tensor, scores: AnomalyScores, seg: Any) -> None:
         """Picture of the volume's highest-scoring slices, heatmap overlaid, lesion contour when known."""
@@ -119,19 +124,21 @@ class AnomalyScoreWriter:
         masks = [None if seg is None else seg[0, 0, ..., i].cpu().numpy() for i in top]
         titles = [f"slice {i}  score {float(scores.slice_scores[i]):.4g}" for i in top]
         overlay_figure([slices[i].numpy() for i in top], [heat[..., i].numpy() for i in top], titles,
-                       self.output_dir / "overlays" / f"{case_id}_top_slices.png", masks,
+                       formats.overlay_path(self.output_dir, case_id, volume=True), masks,
                        heat_max=float(heat.max()) or None)
 
     def _write(self, engine: Engine) -> None:
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        formats.write_table(self.output_dir / formats.SCORES, formats.SCORE_COLUMNS, self.case_rows)
-        formats.write_table(self.output_dir / formats.SLICE_SCORES, formats.SLICE_COLUMNS, self.slice_rows)
+        """The tables (errors first); a run that scored nothing raises, so the command exits non-zero."""
         formats.write_table(self.output_dir / formats.ERRORS, formats.ERROR_COLUMNS, self.error_rows)
-        logger.info(
-            "scored %d cases (%d slices, %d failed): scores in %s, heatmaps in %s",
-            len(self.case_rows), len(self.slice_rows), len(self.error_rows),
-            self.output_dir / formats.SCORES, self.output_dir / formats.HEATMAPS,
-        )
+        if not self.case_rows:
+            raise RuntimeError(f"nothing was scored: {len(self.error_rows)} case(s) failed, listed with their errors "
+                               f"in {self.output_dir / formats.ERRORS}")
+        formats.write_table(self.output_dir / formats.SLICE_SCORES, formats.SLICE_COLUMNS, self.slice_rows)
+        formats.write_table(self.output_dir / formats.SCORES, formats.SCORE_COLUMNS, self.case_rows)
+        failed = f", {len(self.error_rows)} FAILED (see {self.output_dir / formats.ERRORS})" if self.error_rows else ""
+        logger.info("scored %d cases (%d slices%s): scores in %s, heatmaps in %s, overlays in %s",
+                    len(self.case_rows), len(self.slice_rows), failed, self.output_dir / formats.SCORES,
+                    self.output_dir / formats.HEATMAPS, self.output_dir / formats.OVERLAYS)
 
 
 def _first(values: Any) -> Any:

@@ -8,6 +8,8 @@ The bundle lives in ``<app>/model/<name>`` (as in MONAI Label's stock ``monaibun
     monailabel start_server --app monailabel/apps/patchgan_anomaly --studies /data/flair_studies \\
         --conf bundle /path/to/patchgan_ranking_anomaly --host 127.0.0.1 --port 8000
 
+(``--host 127.0.0.1``: MONAI Label's default answers on every interface without authentication.)
+
 Training uses the studies that have a final label: an all-zero label marks a normal study; a lesion mask keeps
 the study's lesion-free slices only (see docs/README.md, "MONAI Label").
 """
