@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Opt-in check of the bundle in a real MONAI Label server: installs MONAI Label into its own virtual environment
+# Check of the bundle in a real MONAI Label server (run by .ci/run): installs MONAI Label into its own virtual environment
 # (idempotent; the first run takes several minutes and ~8 GB), then runs check_server.py there, which starts
 # `monailabel start_server` on 127.0.0.1 with the sample app apps/patchgan_anomaly and synthetic FLAIR studies,
 # calls /infer and /train and checks the returned heatmaps. Extra arguments go to check_server.py.

@@ -190,3 +190,27 @@ def test_user_files_are_never_unpickled(tmp_path):
     with pytest.raises(InputError, match="not a normal statistics file"):
         load_normal_stats(str(tmp_path / "stats.pt"))
     assert not marker.exists()
+
+
+def test_a_killed_rerun_leaves_no_old_scores_beside_new_heatmaps(setup, tmp_path):
+    import signal
+    import time
+
+    assert _infer(setup, tmp_path, input_path=str(setup["data"])).returncode == 0
+    scores = tmp_path / "out" / "scores.csv"
+    first = scores.read_text()
+    args = {**TINY, "ckpt_path": str(setup["model"]), "output_dir": str(tmp_path / "out"), "input_path": str(setup["data"])}
+    flat = [a for key, value in args.items() for a in (f"--{key}", value if isinstance(value, str) else repr(value))]
+    process = subprocess.Popen([sys.executable, "-m", "monai.bundle", "run", "run", "--config_file", INFERENCE, *flat],
+                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while scores.is_file() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    heatmaps = sorted(p.name.split("_heatmap")[0] for p in (tmp_path / "out" / "heatmaps").glob("*_heatmap.*"))
+    if scores.is_file():  # the re-run finished before the kill: its tables and heatmaps agree
+        with scores.open() as handle:
+            assert sorted(row["case_id"] for row in csv.DictReader(handle)) == heatmaps
+    else:  # killed mid-way: the old tables are gone with the old heatmaps
+        assert first and not (tmp_path / "out" / "slice_scores.csv").exists()
