@@ -7,7 +7,7 @@ cd "$(dirname "$0")"
 bash install.sh
 . .venv/bin/activate
 export PYTHONUNBUFFERED=1
-python -m scripts.data.synthetic --output demo_data/synthetic --cases 16 --seed 0
+python -m scripts.data.synthetic --output demo_data/synthetic --cases 20 --seed 0
 python -m scripts.data.datalist --dataset-dir demo_data/synthetic --output demo_data/datalist.json --seed 0 \
     --val-fraction 0.25 --test-fraction 0.25
 python -m monai.bundle run training --config_file "['configs/train.json','configs/demo.json']"
@@ -17,6 +17,8 @@ python -m monai.bundle run run --config_file "['configs/inference.json','configs
     --datalist_split validation --output_dir runs/demo/validation --write_heatmaps False
 python -m scripts.evaluation --output-dir runs/demo --eval-dir runs/demo/evaluation \
     --validation-output-dir runs/demo/validation --datalist demo_data/datalist.json
+cat runs/demo/evaluation/metrics.md
+overlay=$(ls runs/demo/overlays/*_top_slices.png | head -n 1)
 cat <<MSG
 
 Done. Outputs of the demo run:
@@ -24,5 +26,6 @@ Done. Outputs of the demo run:
   volume scores     runs/demo/scores.csv
   slice scores      runs/demo/slice_scores.csv
   heatmaps (NIfTI)  runs/demo/heatmaps/
+  overlays          runs/demo/overlays/ (e.g. $overlay: the most anomalous slices, heatmap over the image)
   evaluation        runs/demo/evaluation/metrics.md, roc.png, score_distribution.png
 MSG

@@ -2,9 +2,12 @@
 
 Real brain MRI cannot ship with the bundle, yet the demo, the tests and a first training run need volumes that
 behave like skull-stripped FLAIR: a brain of varying size and shape on an exactly-zero background, grey/white
-matter contrast, dark CSF ventricles, smooth texture, a multiplicative bias field and noise. Abnormal cases get
-one or two bright, irregular lesions restricted to the middle slices, so that the same volume has normal slices
-(away from the lesion) and abnormal ones, as with real tumours.
+matter contrast, dark CSF ventricles lined by a thin bright rim (normal FLAIR has bright tissue too), smooth
+texture, a multiplicative bias field and noise. Abnormal cases get one or two irregular lesions at any axial level
+of the brain, of varied size, shape, texture and contrast, from nearly iso-intense to grey matter to brighter than
+the ventricle lining, as real FLAIR lesions are; a lesion replaces the anatomy it covers. The same volume then
+has normal slices (away from the lesion) and abnormal ones, and neither the brightest voxel nor the slice's
+position gives the answer away.
 
 Odd-numbered cases are stored in LPS orientation (the array flipped in x and y, affine ``diag(-1, -1, 1)``), even
 ones in RAS, so that reorientation code is exercised; after reorientation to RAS both look alike.
@@ -83,7 +86,7 @@ def make_phantom(shape: tuple[int, int, int], rng: np.random.Generator, abnormal
     if abnormal:
         for _ in range(int(rng.integers(1, 3))):
             tissue, seg = _add_lesion(tissue, seg, brain, shape, rng)
-    bias = np.exp(0.15 * smooth_noise(shape, (3, 3, 2), rng))
+    bias = np.exp(0.08 * smooth_noise(shape, (3, 3, 2), rng))
     noise = rng.normal(0.0, 0.03, size=shape)
     flair = (tissue * bias + noise) * rng.uniform(300.0, 600.0)
     flair = np.where(brain, np.maximum(flair, 1.0), 0.0).astype(np.float32)
@@ -139,7 +142,9 @@ def _tissue(grid, shape, rng: np.random.Generator, brain: np.ndarray) -> np.ndar
     tissue = np.where(cortex, GREY_MATTER, WHITE_MATTER)
     sulci = cortex & (smooth_noise(shape, (14, 14, 8), rng) > 1.2)
     tissue = np.where(sulci, CSF + 0.2, tissue)
-    tissue = np.where(_ventricles(grid, shape, rng), CSF, tissue)
+    ventricles = _ventricles(grid, shape, rng)
+    tissue = np.where(ventricles, CSF, tissue)
+    tissue = np.where(_ventricle_lining(ventricles), rng.uniform(1.5, 1.8) * WHITE_MATTER, tissue)
     tissue = ndimage.gaussian_filter(tissue, 0.8)
     return tissue * (1 + 0.06 * smooth_noise(shape, (10, 10, 6), rng))
 
@@ -159,27 +164,39 @@ def _ventricles(grid, shape, rng: np.random.Generator) -> np.ndarray:
     return mask | (third < 1.0)
 
 
-def _add_lesion(tissue, seg, brain, shape, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """One irregular bright blob (1.5-2.5x white matter) inside the brain, centred in the middle slices.
+def _ventricle_lining(ventricles: np.ndarray) -> np.ndarray:
+    """A thin rim around the ventricles (FLAIR's normal periventricular brightness): bright, and normal, and as
+    regular as the ventricles it follows, so the brain's context predicts it where no rule of brightness can."""
+    return ndimage.binary_dilation(ventricles) & ~ventricles
 
-    Keeping lesions to the middle of the volume leaves lesion-free brain slices in every abnormal case.
+
+def _add_lesion(tissue, seg, brain, shape, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """One irregular lesion inside the brain at any axial level, of random size, shape, contrast and texture.
+
+    The centre's axial level is uniform over the brain's axial extent (a lesion spans a fraction of it, so every
+    abnormal case keeps lesion-free slices); the contrast goes from about grey matter (1.1x white matter: iso-intense on FLAIR) to 2x
+    white matter, brighter than the normal ventricle lining (1.5-1.8x); a heterogeneous lesion has a coarse texture of its own. The lesion replaces what it covers.
     """
     size = np.asarray(shape, dtype=np.float64)
-    radii = size * rng.uniform([0.05, 0.05, 0.06], [0.10, 0.10, 0.11])
+    radii = size * rng.uniform([0.04, 0.04, 0.05], [0.13, 0.13, 0.14])
     in_plane = np.zeros((3, 3, 3), dtype=bool)
     in_plane[:, :, 1] = ndimage.generate_binary_structure(2, 1)
-    core = ndimage.binary_erosion(brain, in_plane, iterations=int(np.ceil(radii[:2].max())) + 2)
-    middle = np.zeros(shape, dtype=bool)
-    middle[:, :, int(0.38 * shape[2]) : int(np.ceil(0.62 * shape[2]))] = True
-    candidates = next(c for c in (np.argwhere(core & middle), np.argwhere(brain & middle), np.argwhere(brain)) if len(c))
+    core = ndimage.binary_erosion(brain, in_plane, iterations=int(np.ceil(radii[:2].max() * 0.6)) + 1)
+    levels = np.flatnonzero(brain.any(axis=(0, 1)))
+    low, high = levels[0] + 0.05 * len(levels), levels[-1] - 0.05 * len(levels)
+    level = int(round(rng.uniform(low, high)))
+    band = np.zeros(shape, dtype=bool)
+    band[:, :, max(level - 1, 0) : level + 2] = True
+    candidates = next(c for c in (np.argwhere(core & band), np.argwhere(brain & band), np.argwhere(brain)) if len(c))
     centre = candidates[rng.integers(len(candidates))]
     x, y, z = (axis - c for axis, c in zip(np.ogrid[: shape[0], : shape[1], : shape[2]], centre))
     radius = np.sqrt((x / radii[0]) ** 2 + (y / radii[1]) ** 2 + (z / radii[2]) ** 2)
     wobble = np.clip(smooth_noise(shape, (10, 10, 6), rng), -1.5, 1.5)
-    lesion = (radius * (1 + 0.2 * wobble) < 1.0) & brain
-    factor = rng.uniform(1.5, 2.5)
+    lesion = (radius * (1 + rng.uniform(0.1, 0.35) * wobble) < 1.0) & brain
+    factor = rng.uniform(1.1, 2.0)
+    texture = rng.uniform(0.03, 0.25) * smooth_noise(shape, (24, 24, 12), rng)
     weight = np.maximum(ndimage.gaussian_filter(lesion.astype(np.float64), 1.0), lesion)  # soft rim outside
-    bright = factor * WHITE_MATTER * (1 + 0.08 * smooth_noise(shape, (12, 12, 8), rng))
+    bright = factor * WHITE_MATTER * (1 + texture)
     tissue = tissue + weight * (bright - tissue)
     return tissue, np.where(lesion, np.uint8(LESION_LABEL), seg).astype(np.uint8)
 
