@@ -51,7 +51,7 @@ def _weights(folder: Path, configs: list[str], overrides: dict) -> dict:
 def _infer(configs: list[str], overrides: dict, output: Path) -> None:
     run(run_id="run", config_file=[str(ROOT / "configs" / c) for c in configs],
         logging_file=str(ROOT / "configs" / "logging.conf"),
-        **{"bundle_root": str(ROOT), "output_dir": str(output), "num_workers": 0, "overlay_slices": 0,
+        **{"bundle_root": str(ROOT), "output_dir": str(output), "num_workers": 0, "overlay_slices": 0, "amp": False,
            "device": "$torch.device('cpu')", **overrides})
 
 

@@ -73,8 +73,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bf16 autocast (CUDA only in the bundle; default: the configs' choice, on with CUDA)")
     p.add_argument("--compile", action="store_true", help="torch.compile the networks (Module.compile, in place)")
     p.add_argument("--channels-last", action="store_true", help="networks in channels_last memory format")
-    p.add_argument("--cpu-bf16", action="store_true",
-                   help="EXPERIMENT: bf16 autocast on CPU around the network (not an option of the bundle)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's own, one per core); on a shared machine 1 thread "
                         "avoids OpenMP threads waiting for each other")
@@ -198,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "config": {
                 "image_size": args.image_size, "patch_size": args.patch_size, "quick": args.quick,
                 "amp": args.amp, "compile": args.compile, "channels_last": args.channels_last,
-                "cpu_bf16_experiment": args.cpu_bf16, "workers": args.workers, "overrides": args.set,
+                "workers": args.workers, "overrides": args.set,
                 "threads": _torch().get_num_threads(), "host_peak_memory_scope": scope, "command": "python -m experiments.benchmark " + " ".join(argv),
             },
         }

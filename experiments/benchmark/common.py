@@ -176,26 +176,6 @@ def prepare_network(network: Any, args: argparse.Namespace) -> Any:
     return network
 
 
-def cpu_bf16(network: Any) -> Any:
-    """EXPERIMENT (``--cpu-bf16``): the network under CPU bf16 autocast, outputs back in fp32.
-
-    Not part of the bundle: ``PatchRankingInferer(amp=True)`` autocasts on CUDA only. Used to measure what the
-    inferer would gain on a CPU with bf16 instructions (AVX512-BF16 / AMX).
-    """
-    torch = _torch()
-
-    class _CpuBf16(torch.nn.Module):
-        def __init__(self, inner: torch.nn.Module) -> None:
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                return self.inner(x).float()
-
-    return _CpuBf16(network)
-
-
 def device_info(args: argparse.Namespace) -> dict[str, Any]:
     torch = _torch()
     import monai

@@ -18,11 +18,11 @@ from experiments.benchmark.common import (
     _reset_gpu_peak,
     _sync,
     _torch,
-    cpu_bf16,
     load_config,
     prepare_network,
 )
 from experiments.benchmark.data import _write_datalist, phantom_slices
+from scripts.config import uses_bf16
 
 
 class TimedTransform:
@@ -124,8 +124,6 @@ def bench_e2e(args: argparse.Namespace, items: Sequence[dict[str, Any]], work: P
             writer._overlay_volume = timer.wrap("write_overlay", writer._overlay_volume)
             writer._write = timer.wrap("write_csv", writer._write)
         evaluator = parser.get_parsed_content("evaluator")
-        if args.cpu_bf16:
-            evaluator.network = cpu_bf16(network)
         timer.attach(evaluator)
     warm = Clock(device)
     if args.warmup:
@@ -174,7 +172,7 @@ def bench_e2e(args: argparse.Namespace, items: Sequence[dict[str, Any]], work: P
         "test_input": args.test_input,
         "workers": args.workers,
         "slice_batch_size": inferer.batch_size(torch.empty(0, device=device)),
-        "amp_bf16": bool(inferer.amp and device.type == "cuda"),
+        "amp_bf16": uses_bf16(inferer.amp, device),
         "wall_s": round(run.wall, 3),
         "process_cpu_s": round(run.cpu, 3),
         "setup_s": round(setup.wall, 3),

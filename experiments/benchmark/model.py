@@ -8,8 +8,9 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from experiments.benchmark.common import Clock, _memory, _reset_gpu_peak, _torch, cpu_bf16, load_config, prepare_network
+from experiments.benchmark.common import Clock, _memory, _reset_gpu_peak, _torch, load_config, prepare_network
 from experiments.benchmark.data import phantom_slices
+from scripts.config import uses_bf16
 
 
 def compare_paths(network: Any, plain_network: Any, inferer_kwargs: dict[str, Any], slices: Any,
@@ -17,6 +18,7 @@ def compare_paths(network: Any, plain_network: Any, inferer_kwargs: dict[str, An
     """Scores of the fast path (batched slices, ``amp``, the prepared ``network``) against the plain per-slice fp32
     path (``slice_batch_size=1``, no amp, ``plain_network``) on the same slices, as a volume ``(1, 1, S, S, n)``."""
     torch = _torch()
+    from scripts.config import uses_bf16
     from scripts.scoring.inferer import PatchRankingInferer
 
     volume = slices.permute(1, 2, 3, 0).unsqueeze(0).to(device)
@@ -25,7 +27,7 @@ def compare_paths(network: Any, plain_network: Any, inferer_kwargs: dict[str, An
     a, b = fast.score(volume, network), plain.score(volume, plain_network)
     valid = b.slice_valid
     rel = lambda x, y: float(((x - y).abs().max() / y.abs().max().clamp_min(1e-12)).cpu())  # noqa: E731
-    bf16 = amp and torch.device(device).type == "cuda"
+    bf16 = uses_bf16(amp, device)
     tolerance = 5e-2 if bf16 else 1e-4
     out = {
         "slices": int(len(slices)),
@@ -79,12 +81,12 @@ def bench_model(args: argparse.Namespace) -> dict[str, Any]:
         plain_network = parser.get_parsed_content("network_def").to(device).eval()
         plain_network.load_state_dict(network.state_dict())
     prepare_network(network, args)
-    run_network = cpu_bf16(network) if args.cpu_bf16 else network
+    run_network = network
     out: dict[str, Any] = {
         "what": "PatchRankingInferer.score on resized slices on the device (reconstruct, patch errors, ranking, heatmap)",
         "image_size": args.image_size,
         "parameters": sum(p.numel() for p in network.parameters()),
-        "amp_bf16": bool(base.amp and device.type == "cuda"),
+        "amp_bf16": uses_bf16(base.amp, device),
     }
     from scripts.scoring.inferer import PatchRankingInferer
 
