@@ -40,7 +40,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from experiments.benchmark.common import BRATS_SHAPE, QUICK, ROOT, SECTIONS, _torch, device_info
+from experiments.benchmark.common import BRATS_SHAPE, QUICK, ROOT, SECTIONS, device_info, lazy_torch
 from experiments.benchmark.data import ensure_volumes
 from experiments.benchmark.e2e import bench_e2e
 from experiments.benchmark.model import bench_model
@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill the device-dependent defaults and the --quick sizes."""
-    torch = _torch()
+    torch = lazy_torch()
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     cuda = torch.device(args.device).type == "cuda"
@@ -169,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = resolve_args(build_parser().parse_args(argv))
     if args.threads:
-        _torch().set_num_threads(args.threads)
+        lazy_torch().set_num_threads(args.threads)
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="patchgan_benchmark_"))
     work.mkdir(parents=True, exist_ok=True)
     try:
@@ -197,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "image_size": args.image_size, "patch_size": args.patch_size, "quick": args.quick,
                 "amp": args.amp, "compile": args.compile, "channels_last": args.channels_last,
                 "workers": args.workers, "overrides": args.set,
-                "threads": _torch().get_num_threads(), "host_peak_memory_scope": scope, "command": "python -m experiments.benchmark " + " ".join(argv),
+                "threads": lazy_torch().get_num_threads(), "host_peak_memory_scope": scope, "command": "python -m experiments.benchmark " + " ".join(argv),
             },
         }
         result.update(sections)

@@ -53,14 +53,14 @@ TARGETS = {
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-def _torch():
+def lazy_torch():
     import torch
 
     return torch
 
 
-def _sync(device: Any) -> None:
-    torch = _torch()
+def sync_device(device: Any) -> None:
+    torch = lazy_torch()
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -72,26 +72,26 @@ class Clock:
         self.device, self.wall, self.cpu = device, 0.0, 0.0
 
     def __enter__(self) -> Clock:
-        _sync(self.device)
+        sync_device(self.device)
         self._wall, self._cpu = time.perf_counter(), time.process_time()
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        _sync(self.device)
+        sync_device(self.device)
         self.wall = time.perf_counter() - self._wall
         self.cpu = time.process_time() - self._cpu
 
 
-def _rss_mb(who: int = resource.RUSAGE_SELF) -> float:
+def rss_mb(who: int = resource.RUSAGE_SELF) -> float:
     """Peak resident set size in MiB (``ru_maxrss`` is KiB on Linux, bytes on macOS)."""
     peak = resource.getrusage(who).ru_maxrss
     return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)
 
 
-def _memory(device: Any) -> dict[str, Any]:
+def memory_figures(device: Any) -> dict[str, Any]:
     """Peak host memory of this process and of its finished children (DataLoader workers), peak GPU memory."""
-    torch = _torch()
-    out: dict[str, Any] = {"host_peak_rss_mb": _rss_mb(), "host_peak_rss_workers_mb": _rss_mb(resource.RUSAGE_CHILDREN)}
+    torch = lazy_torch()
+    out: dict[str, Any] = {"host_peak_rss_mb": rss_mb(), "host_peak_rss_workers_mb": rss_mb(resource.RUSAGE_CHILDREN)}
     if torch.device(device).type == "cuda":
         out["gpu_peak_allocated_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
         out["gpu_peak_reserved_mb"] = round(torch.cuda.max_memory_reserved(device) / 2**20, 1)
@@ -100,8 +100,8 @@ def _memory(device: Any) -> dict[str, Any]:
     return out
 
 
-def _reset_gpu_peak(device: Any) -> None:
-    torch = _torch()
+def reset_gpu_peak(device: Any) -> None:
+    torch = lazy_torch()
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -116,7 +116,7 @@ class GpuUtilSampler:
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        torch = _torch()
+        torch = lazy_torch()
         if torch.device(self.device).type != "cuda":
             return
         try:
@@ -127,7 +127,7 @@ class GpuUtilSampler:
         self._thread.start()
 
     def _loop(self) -> None:
-        torch = _torch()
+        torch = lazy_torch()
         while not self._stop.is_set():
             with contextlib.suppress(Exception):
                 self.samples.append(float(torch.cuda.utilization(self.device)))
@@ -168,7 +168,7 @@ def prepare_network(network: Any, args: argparse.Namespace) -> Any:
     ``Module.compile`` compiles in place and keeps the state-dict keys, so the config's ``CheckpointLoader`` still
     loads into it.
     """
-    torch = _torch()
+    torch = lazy_torch()
     if args.channels_last:
         network.to(memory_format=torch.channels_last)
     if args.compile:
@@ -177,7 +177,7 @@ def prepare_network(network: Any, args: argparse.Namespace) -> Any:
 
 
 def device_info(args: argparse.Namespace) -> dict[str, Any]:
-    torch = _torch()
+    torch = lazy_torch()
     import monai
 
     device = torch.device(args.device)

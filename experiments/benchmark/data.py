@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from experiments.benchmark.common import _torch
+from experiments.benchmark.common import lazy_torch
 
 
 def _generate_one(folder: str, index: int, shape: tuple[int, int, int]) -> None:
@@ -73,7 +73,7 @@ def ensure_volumes(args: argparse.Namespace) -> tuple[list[dict[str, Any]], floa
     return items[: args.volumes], seconds
 
 
-def _write_datalist(path: Path, items: Sequence[dict[str, Any]], split: str, keep_seg: bool) -> Path:
+def write_datalist(path: Path, items: Sequence[dict[str, Any]], split: str, keep_seg: bool) -> Path:
     keys = ("case_id", "image", "seg", "label", "channel") if keep_seg else ("case_id", "image", "channel")
     rows = [{k: item[k] for k in keys if k in item} for item in items]
     path.write_text(json.dumps({"name": "benchmark", "layout": "brats", "dataset_dir": "", split: rows}, indent=1))
@@ -83,7 +83,7 @@ def _write_datalist(path: Path, items: Sequence[dict[str, Any]], split: str, kee
 def phantom_slices(image_size: int, n: int, seed: int = 0):
     """``n`` normalised brain-like axial slices ``(n, 1, S, S)`` (background 0), from a ``scripts.data.synthetic``
     phantom at ``image_size``: inputs with real structure and a real foreground for the inferer."""
-    torch = _torch()
+    torch = lazy_torch()
     from scripts.data.synthetic import make_phantom
     from scripts.data.transforms import BrainPercentileNormalized
 

@@ -14,14 +14,14 @@ import numpy as np
 from experiments.benchmark.common import (
     Clock,
     GpuUtilSampler,
-    _memory,
-    _reset_gpu_peak,
-    _sync,
-    _torch,
+    lazy_torch,
     load_config,
+    memory_figures,
     prepare_network,
+    reset_gpu_peak,
+    sync_device,
 )
-from experiments.benchmark.data import _write_datalist, phantom_slices
+from experiments.benchmark.data import phantom_slices, write_datalist
 from scripts.config import uses_bf16
 
 
@@ -58,13 +58,13 @@ class StageTimer:
     def wrap(self, name: str, fn: Callable, sync: bool = False) -> Callable:
         def timed(*a: Any, **k: Any) -> Any:
             if sync:
-                _sync(self.device)
+                sync_device(self.device)
             start = time.perf_counter()
             try:
                 return fn(*a, **k)
             finally:
                 if sync:
-                    _sync(self.device)
+                    sync_device(self.device)
                 self.add(name, time.perf_counter() - start)
 
         return timed
@@ -94,14 +94,14 @@ def bench_e2e(args: argparse.Namespace, items: Sequence[dict[str, Any]], work: P
     Long on purpose: set-up, warm-up, the timed run and the per-stage arithmetic share the clocks and counters of
     one measurement, and reading them in one place is what makes the figures checkable.
     """
-    torch = _torch()
+    torch = lazy_torch()
     from scripts.outputs.writer import AnomalyScoreWriter
 
     device = torch.device(args.device)
-    _reset_gpu_peak(device)
+    reset_gpu_peak(device)
     setup = Clock()
     with setup:
-        datalist = _write_datalist(work / "e2e_datalist.json", items, "testing", keep_seg=False)
+        datalist = write_datalist(work / "e2e_datalist.json", items, "testing", keep_seg=False)
         extra = {"datalist": str(datalist), "output_dir": str(work / "e2e_out"), "num_workers": args.workers,
                  "ckpt_path": str(work / "e2e_model.pt"), "test_input": args.test_input}
         if args.slice_batch_size:
@@ -187,5 +187,5 @@ def bench_e2e(args: argparse.Namespace, items: Sequence[dict[str, Any]], work: P
         "stage_capacity_volumes_per_s": {k: (round(v, 3) if math.isfinite(v) else None) for k, v in capacity.items()},
         "bottleneck": bottleneck,
         "gpu_utilization_percent": gpu_util,
-        **_memory(device),
+        **memory_figures(device),
     }

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from experiments.benchmark.common import Clock, _memory, _reset_gpu_peak, _torch, load_config, prepare_network
+from experiments.benchmark.common import Clock, lazy_torch, load_config, memory_figures, prepare_network, reset_gpu_peak
 from experiments.benchmark.data import phantom_slices
 from scripts.config import uses_bf16
 
@@ -17,7 +17,7 @@ def compare_paths(network: Any, plain_network: Any, inferer_kwargs: dict[str, An
                   device: Any, amp: bool, slice_batch_size: int) -> dict[str, Any]:
     """Scores of the fast path (batched slices, ``amp``, the prepared ``network``) against the plain per-slice fp32
     path (``slice_batch_size=1``, no amp, ``plain_network``) on the same slices, as a volume ``(1, 1, S, S, n)``."""
-    torch = _torch()
+    torch = lazy_torch()
     from scripts.config import uses_bf16
     from scripts.scoring.inferer import PatchRankingInferer
 
@@ -64,9 +64,9 @@ def _time_calls(fn: Callable[[], Any], device: Any, warmup: int, iterations: int
 
 def bench_model(args: argparse.Namespace) -> dict[str, Any]:
     """Model-only inference: ``PatchRankingInferer.score`` on slices already on the device."""
-    torch = _torch()
+    torch = lazy_torch()
     device = torch.device(args.device)
-    _reset_gpu_peak(device)
+    reset_gpu_peak(device)
     parser = load_config("inference.json", args)
     network = parser.get_parsed_content("network").eval()
     base = parser.get_parsed_content("inferer")
@@ -113,5 +113,5 @@ def bench_model(args: argparse.Namespace) -> dict[str, Any]:
         slices = phantom_slices(args.image_size, args.check_slices)
         out["consistency"] = compare_paths(run_network, plain_network, {**kwargs, "test_input": base.test_input},
                                            slices, device, base.amp, args.slice_batch_size or 32)
-    out.update(_memory(device))
+    out.update(memory_figures(device))
     return out

@@ -12,12 +12,12 @@ from typing import Any
 from experiments.benchmark.common import (
     Clock,
     GpuUtilSampler,
-    _memory,
-    _reset_gpu_peak,
-    _sync,
-    _torch,
+    lazy_torch,
     load_config,
+    memory_figures,
     prepare_network,
+    reset_gpu_peak,
+    sync_device,
 )
 
 
@@ -27,11 +27,11 @@ def bench_train(args: argparse.Namespace, items: Sequence[dict[str, Any]], work:
     Long on purpose, like ``bench_e2e``: the event handlers that start and stop the clocks close over one set of
     counters, and the figures are only checkable when the whole measurement reads in one place.
     """
-    torch = _torch()
+    torch = lazy_torch()
     from ignite.engine import Events
 
     device = torch.device(args.device)
-    _reset_gpu_peak(device)
+    reset_gpu_peak(device)
     cache_dir = Path(args.data_dir) / f"slice_cache_{args.image_size}"
     extra = {
         "train#items": [dict(item) for item in items],
@@ -68,7 +68,7 @@ def bench_train(args: argparse.Namespace, items: Sequence[dict[str, Any]], work:
             waits.append(time.perf_counter() - state["get"])
 
     def start_timing() -> None:
-        _sync(device)
+        sync_device(device)
         marks["start"] = state["last"] = time.perf_counter()
         util.start()
 
@@ -81,7 +81,7 @@ def bench_train(args: argparse.Namespace, items: Sequence[dict[str, Any]], work:
             steps.append(now - state["last"])
             state["last"] = now
         if engine.state.iteration >= total:
-            _sync(device)
+            sync_device(device)
             marks["end"] = time.perf_counter()
             engine.terminate()
 
@@ -116,7 +116,7 @@ def bench_train(args: argparse.Namespace, items: Sequence[dict[str, Any]], work:
         "run_s_incl_warmup": round(run.wall, 3),
         "data_wait_fraction": round(sum(waits) / elapsed, 4) if elapsed else None,
         "gpu_utilization_percent": gpu_util,
-        **_memory(device),
+        **memory_figures(device),
     }
 
 
