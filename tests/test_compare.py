@@ -15,7 +15,7 @@ from experiments.compare import runs
 from experiments.compare.__main__ import main
 from experiments.compare.folds import Fold
 from experiments.compare.report import aggregate
-from experiments.compare.runs import Settings, infer
+from experiments.compare.runs import Settings, infer, train_model
 from scripts.data.synthetic import generate_dataset
 from scripts.evaluation.patch_protocol import PatchProtocol
 
@@ -189,3 +189,29 @@ def test_normal_stats_flag_points_patchgan_inference_at_its_own_statistics(monke
     seen.clear()
     infer("ae", fold, "testing", tmp_path / "out", tmp_path / "models", settings, heatmaps=False)
     assert "normal_stats" not in seen  # only the Patch-GAN training fits them
+
+
+def test_a_config_overlay_reaches_training_and_inference_of_every_method(monkeypatch, tmp_path):
+    """``--config FILE``: checked on the configs each run resolves, not on the file list alone."""
+    from scripts.config import bundle_parser
+
+    overlay = tmp_path / "overlay.json"
+    overlay.write_text(json.dumps({"min_lesion_voxels": 7, "foreground": "all"}))
+    resolved: list[tuple[str, str, object, object]] = []
+
+    def record(run_id, configs, overrides):
+        files = [str(runs.CONFIGS / c) if not Path(c).is_absolute() else c for c in configs]
+        parser = bundle_parser(files)
+        resolved.append((run_id, configs[1] if len(configs) > 1 else "", parser.get("min_lesion_voxels"), parser.get("foreground")))
+        if run_id == "training":
+            (Path(overrides["ckpt_dir"]) / "model.pt").parent.mkdir(parents=True, exist_ok=True)
+            (Path(overrides["ckpt_dir"]) / "model.pt").write_bytes(b"weights")
+
+    monkeypatch.setattr(runs, "run_bundle", record)
+    fold = Fold("fold_0", tmp_path, tmp_path / "datalist.json")
+    settings = Settings(overlay_configs=[str(overlay)])
+    for method, model in (("patchgan_ranking", "patchgan"), ("ae", "ae"), ("alocc", "alocc")):
+        ckpt = train_model(model, fold, tmp_path / method, settings)
+        infer(method, fold, "testing", tmp_path / method / "out", ckpt, settings, heatmaps=False)
+    assert [r[0] for r in resolved] == ["training", "run"] * 3
+    assert all(r[2] == 7 and r[3] == "all" for r in resolved), resolved

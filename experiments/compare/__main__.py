@@ -85,6 +85,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--override", action="append", default=[], metavar="ID=VALUE",
                         help="config override for every run, VALUE a Python literal as for monai.bundle run (False, 3, [1, 2]), "
                         "else a string; repeatable")
+    parser.add_argument("--config", action="append", default=[], metavar="FILE",
+                        help="override config merged onto every training AND inference run of every method, after "
+                        "the method's own (e.g. a preprocessing overlay); repeatable, in order")
     parser.add_argument("--train-config", action="append", default=[], metavar="FILE",
                         help="override config merged last onto every training run, e.g. configs/lesion_free.json "
                         "(which replaces the training transforms: use it with the patchgan methods)")
@@ -124,11 +127,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
         num_workers=args.num_workers, seed=args.seed, fpr=args.fpr, normal_stats=args.normal_stats,
         overrides=dict(map(parse_override, args.override)),
         extra_configs=["dermoscopy.json"] if described["layout"] == "images" else [],
+        overlay_configs=[str(Path(c).resolve()) for c in args.config],
         train_configs=[str(Path(c).resolve()) for c in args.train_config],
     )
     patches = None
     if args.protocol == "patch":
-        config = bundle_parser([str(CONFIGS / c) for c in ("inference.json", *settings.extra_configs)],
+        config = bundle_parser([str(CONFIGS / c) for c in ("inference.json", *settings.extra_configs)]
+                               + settings.overlay_configs,
                                settings.common("patchgan"))
         patches = PatchProtocol(
             grid=int(config.get_parsed_content("image_size")) // int(config.get_parsed_content("patch_size")),

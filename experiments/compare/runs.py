@@ -77,6 +77,7 @@ class Settings:
     normal_stats: bool = False
     overrides: dict[str, Any] = field(default_factory=dict)
     extra_configs: list[str] = field(default_factory=list)
+    overlay_configs: list[str] = field(default_factory=list)  # --config: merged onto every training and inference run
     train_configs: list[str] = field(default_factory=list)
 
     def common(self, model: str) -> dict[str, Any]:
@@ -126,7 +127,8 @@ def train_model(model: str, fold: Fold, folder: Path, settings: Settings) -> Pat
     ckpt = folder / "models"
     overrides = {**settings.training(model), "datalist": str(fold.datalist), "dataset_dir": "",
                  "output_dir": str(folder / "train"), "ckpt_dir": str(ckpt), "cache_dir": str(fold.folder.parent / "slice_cache")}
-    configs = ["train.json", *settings.extra_configs, *MODEL_CONFIGS[model], *settings.train_configs]
+    configs = ["train.json", *settings.extra_configs, *MODEL_CONFIGS[model], *settings.overlay_configs,
+               *settings.train_configs]
     if model == "ocsvm":
         from scripts.baselines.ocsvm import fit_from_config
 
@@ -155,7 +157,8 @@ def infer(method: str, fold: Fold, split: str, output: Path, ckpt: Path, setting
 
         overrides.update(INFERENCE_OVERRIDES)
     overrides.update(settings.overrides)
-    run_bundle("run", ["inference.json", *settings.extra_configs, *MODEL_CONFIGS[model]], overrides)
+    run_bundle("run", ["inference.json", *settings.extra_configs, *MODEL_CONFIGS[model], *settings.overlay_configs],
+               overrides)
 
 
 def small_preset() -> dict[str, Any]:
