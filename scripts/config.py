@@ -28,19 +28,6 @@ def require_bool(name: str, value: Any) -> bool:
     return value
 
 
-def as_device(device: str | torch.device | int | None = None) -> torch.device:
-    """``cpu``, ``cuda``, ``cuda:1``, an index or a ``torch.device`` as a ``torch.device``; None picks CUDA when present.
-
-    MONAI Label and the command line pass devices as strings, the configs as ``torch.device``: both work.
-    """
-    if device is None or device == "":
-        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except (RuntimeError, TypeError) as error:
-        raise ValueError(f"unknown device {device!r}: use cpu, cuda, cuda:N or a torch.device") from error
-
-
 def cpu_bf16_supported() -> bool:
     """Whether this CPU runs bf16 natively (AVX512-BF16 or AMX through oneDNN), where bf16 autocast halves the time
     of a network pass; elsewhere bf16 is emulated and slower than fp32."""

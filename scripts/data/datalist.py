@@ -39,7 +39,7 @@ from scripts.data.layouts import (
     find_msd_cases,
     find_volume_cases,
 )
-from scripts.data.rules import check_case_id, check_unique_case_ids, file_case_id
+from scripts.data.rules import check_case_id, check_unique_case_ids, file_case_id, item_case_id
 
 SPLITS = ("training", "validation", "testing")
 
@@ -190,14 +190,13 @@ def load_datalist_dict(
     rows and one overwritten heatmap, or a patient trained on and tested.
     """
     base = Path(base_dir if base_dir is not None else datalist.get("dataset_dir") or ".")
-    _check_disjoint_splits(datalist, source)
-    names = [name for name in SPLITS if isinstance(datalist.get(name), list)] if split is None else [split]
-    items: list[dict[str, Any]] = []
-    for name in names:
-        if not isinstance(datalist.get(name), list):
-            present = sorted(key for key, value in datalist.items() if isinstance(value, list))
-            raise InputError(f"{source}: no split {name!r} (splits present: {present})")
-        items.extend(_absolute(item, base, source) for item in datalist[name])
+    splits = {name: [_absolute(item, base, source) for item in datalist[name]]
+              for name in SPLITS if isinstance(datalist.get(name), list)}
+    _check_disjoint_splits(splits, source)
+    if split is not None and split not in splits:
+        present = sorted(key for key, value in datalist.items() if isinstance(value, list))
+        raise InputError(f"{source}: no split {split!r} (splits present: {present})")
+    items = [item for name in ([split] if split is not None else splits) for item in splits[name]]
     check_unique_case_ids([item["case_id"] for item in items], source)
     return items
 
@@ -205,14 +204,14 @@ def load_datalist_dict(
 # ------------------------------------------------------------------------------------------------ helpers
 
 
-def _check_disjoint_splits(datalist: Mapping[str, Any], source: str) -> None:
+def _check_disjoint_splits(splits: Mapping[str, Sequence[Mapping[str, Any]]], source: str) -> None:
+    """``InputError`` naming the case ids that stand in two splits."""
     seen: dict[str, str] = {}
     shared: set[str] = set()
-    for name in SPLITS:
-        for item in datalist.get(name) or []:
-            case_id = str(item.get("case_id") or file_case_id(str(item.get("image", "")))) if isinstance(item, Mapping) else ""
-            if case_id and seen.setdefault(case_id, name) != name:
-                shared.add(f"{case_id} ({seen[case_id]}, {name})")
+    for name, items in splits.items():
+        for item in items:
+            if seen.setdefault(item["case_id"], name) != name:
+                shared.add(f"{item['case_id']} ({seen[item['case_id']]}, {name})")
     if shared:
         raise InputError(f"{source}: cases in two splits (a patient must not be trained on and tested): "
                          f"{', '.join(sorted(shared))}")
@@ -252,7 +251,7 @@ def _absolute(item: Mapping[str, Any], base: Path, source: str) -> dict[str, Any
     if not isinstance(item, Mapping) or "image" not in item:
         raise InputError(f"{source}: datalist item without an 'image' path: {item!r}")
     out = dict(item)
-    out["case_id"] = check_case_id(out.get("case_id") or file_case_id(str(item["image"])), source)
+    out["case_id"] = item_case_id(item, source)
     for key in ("image", "seg"):
         if out.get(key):
             out[key] = os.path.abspath(os.path.join(base, out[key]))  # normalised, symlinks kept
@@ -317,7 +316,7 @@ def case_items(items: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         label = case.get("label")
         if isinstance(label, (str, os.PathLike)) and not str(label).strip().lstrip("-").isdigit():
             case["seg"] = str(case.pop("label"))
-        case["case_id"] = check_case_id(case.get("case_id") or file_case_id(case["image"]))
+        case["case_id"] = item_case_id(case)
         out.append(case)
     check_unique_case_ids([case["case_id"] for case in out])
     return out

@@ -8,8 +8,9 @@ score tables too.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -127,6 +128,11 @@ def check_case_id(case_id: object, source: str = "datalist") -> str:
         raise InputError(f"{source}: case id {text!r} cannot name an output file: use letters, digits and ._+- only "
                          "(no path separators, no leading dot)")
     return text
+
+
+def item_case_id(item: Mapping[str, Any], source: str = "datalist") -> str:
+    """The checked case id of a datalist item: its ``case_id``, else its image's ``file_case_id``."""
+    return check_case_id(item.get("case_id") or file_case_id(str(item["image"])), source)
 
 
 def check_unique_case_ids(case_ids: Iterable[str], source: str = "datalist") -> None:

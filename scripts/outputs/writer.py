@@ -17,6 +17,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from scripts.config import require_bool
+from scripts.data.io import make_folder
 from scripts.data.rules import axial_slices, slice_labels
 from scripts.outputs import formats
 from scripts.outputs.overlays import overlay_figure
@@ -60,12 +61,10 @@ class AnomalyScoreWriter:
 
     def _reset(self, engine: Engine) -> None:
         self.case_rows, self.slice_rows, self.error_rows = [], [], []
-        if self.output_dir.exists() and not self.output_dir.is_dir():
-            raise NotADirectoryError(f"{self.output_dir}: output_dir is a file, not a folder")
+        make_folder(self.output_dir)
         removed = formats.clear_results(self.output_dir)
         if removed:
             logger.info("removed %d result files of a previous run from %s", removed, self.output_dir)
-        (self.output_dir / formats.HEATMAPS).mkdir(parents=True, exist_ok=True)
 
     def _collect(self, engine: Engine) -> None:
         out = engine.state.output
