@@ -224,7 +224,7 @@ def test_two_dimensional_rgb_images_train_and_score(tmp_path):
     bundle("training", "['configs/train.json','configs/dermoscopy.json']", *common, "--ckpt_dir", str(tmp_path / "m"),
            "--max_epochs", "1", "--val_interval", "1", "--critic_def#channels", "8")
     bundle("run", "['configs/inference.json','configs/dermoscopy.json']", *common,
-           "--ckpt_path", str(tmp_path / "m" / "model.pt"))
+           "--ckpt_path", str(tmp_path / "m" / "model.pt"), "--critic_def#channels", "8")  # the default map is D's
     rows = read_csv(tmp_path / "out" / "scores.csv")
     assert {r["case_id"] for r in rows} == {item["case_id"] for item in datalist["testing"]}
     assert {r["label"] for r in rows} <= {"0", "1"}

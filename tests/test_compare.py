@@ -60,8 +60,10 @@ def test_compare_trains_every_method_and_writes_the_comparison(tmp_path):
     for method in REQUIRED:
         assert {"auc", "ap", "auc_std", "ap_std", "sensitivity", "specificity", "n_folds", "folds"} <= set(data[method])
         assert data[method]["n_folds"] >= 1 and 0.0 <= data[method]["auc"] <= 1.0
+        assert "validation_auc" in data[method]["folds"]["fold_0"] and "level_r2" in data[method]
     table = (out / "comparison.md").read_text()
     assert "| Method | AUC | AP |" in table and "±" in table and "Failures" not in table
+    assert "Operating point on held-out patients" in table and "Validation AUC" in table
     assert all(f"`{method}`" in table for method in REQUIRED)
     for name in ("roc.png", "score_distribution.png"):
         assert (out / name).stat().st_size > 10_000
@@ -166,7 +168,7 @@ def test_compare_patch_protocol_balances_the_test_patches(tmp_path):
     lesion_free = str(ROOT / "configs" / "lesion_free.json")
     main(["--dataset", str(tmp_path / "data"), "--output", str(out), "--folds", "3", "--protocol", "patch",
                   "--patch-brain-fraction", "0.5", "--methods", "patchgan_ranking,ocsvm", "--train-config", lesion_free,
-                  *TINY])
+                  "--patch-counts", "6", *TINY])
     assert lesion_free in (out / "comparison.md").read_text()  # the settings name the training override
     data = json.loads((out / "comparison.json").read_text())
     assert {"patchgan_ranking", "trivial_intensity", "trivial_position", "trivial_darkness", "trivial_texture"} <= set(data)
@@ -175,8 +177,23 @@ def test_compare_patch_protocol_balances_the_test_patches(tmp_path):
     for fold in ("fold_0", "fold_1", "fold_2"):
         rows = read_csv(out / fold / "patch" / "patchgan_ranking" / "slice_scores.csv")
         labels = [int(r["label"]) for r in rows]
-        assert labels.count(0) == labels.count(1) > 0
+        assert 6 >= labels.count(0) == labels.count(1) > 0
         assert (out / fold / "patch" / "patchgan_ranking" / "validation" / "slice_scores.csv").is_file()
+
+
+def test_scoring_variants_share_the_patchgan_training(tmp_path, monkeypatch):
+    trained, inferred = [], {}
+    monkeypatch.setattr(runs, "train_model", lambda model, fold, folder, settings: trained.append(model) or folder)
+    monkeypatch.setattr(runs, "run_bundle", lambda run_id, configs, overrides: inferred.setdefault(
+        overrides["output_dir"], overrides))
+    monkeypatch.setattr(runs, "evaluate_fold", lambda *args: {})
+    fold = Fold("fold_0", tmp_path, tmp_path / "datalist.json")
+    runs.run_folds([fold], ["patchgan_ranking", "patchgan_volume_z", "patchgan_critic"], Settings(), resume=False)
+    assert trained == ["patchgan"]
+    by_method = {Path(k).name if Path(k).name != "validation" else Path(k).parent.name: v for k, v in inferred.items()}
+    assert by_method["patchgan_volume_z"]["slice_standardisation"] == "volume"
+    assert by_method["patchgan_critic"]["score_maps"] == ["critic"]
+    assert "slice_standardisation" not in by_method["patchgan_ranking"]
 
 
 def test_normal_stats_flag_points_patchgan_inference_at_its_own_statistics(monkeypatch, tmp_path):

@@ -271,3 +271,46 @@ def test_a_mask_of_another_size_is_named_and_skipped_for_pixel_metrics(tmp_path,
         pixel = evaluate(tmp_path / "run", datalist=items)["model"]["pixel"]
     assert pixel["n_cases"] == 1 and pixel["pixel_auc"] == 1.0
     assert "isic2" in caplog.text and "isic2_mask.png" in caplog.text and "differs from the image size" in caplog.text
+
+
+def test_the_specificity_interval_resamples_patients_not_slices():
+    from scripts.evaluation.metrics import clustered_rate_ci
+
+    # patient a: 10 normal slices all called normal; patient b: 10 slices all false positives
+    hits = np.array([True] * 10 + [False] * 10)
+    groups = np.array(["a"] * 10 + ["b"] * 10)
+    low, high = clustered_rate_ci(hits, groups, n_boot=4000)
+    # resampling 2 patients gives 0, 0.5 or 1: the interval spans them; slice resampling would give ~0.3-0.7
+    assert low == 0.0 and high == 1.0
+    low, high = clustered_rate_ci(np.ones(30, dtype=bool), np.repeat(list("abc"), 10))
+    assert low == high == 1.0
+    assert all(np.isnan(clustered_rate_ci(np.array([]), np.array([]))))
+
+
+def test_level_dependence_is_the_r2_of_a_quadratic_in_the_level():
+    from scripts.data.rules import relative_levels
+    from scripts.evaluation.metrics import level_dependence
+
+    levels = relative_levels(["a"] * 5 + ["b"] * 3, [10, 11, 12, 13, 14, 0, 1, 2])
+    assert levels.tolist() == [0.0, 0.25, 0.5, 0.75, 1.0, 0.0, 0.5, 1.0]
+    assert level_dependence(levels, 3 * levels**2 - levels + 2) == pytest.approx(1.0)
+    noise = np.random.default_rng(0).normal(size=400)
+    assert abs(level_dependence(np.linspace(0, 1, 400), noise)) < 0.05
+    assert np.isnan(level_dependence(np.full(8, 0.5), np.arange(8.0)))  # pictures: one level
+
+
+def test_the_threshold_never_sees_the_test_labels_and_its_transfer_is_reported_per_patient(tmp_path):
+    rng = np.random.default_rng(12)
+    fake_run(tmp_path / "val", rng, n_normal=40, n_abnormal=0)
+    labels, scores = fake_run(tmp_path / "test", np.random.default_rng(13))
+    first = evaluate(tmp_path / "test", validation_output_dir=tmp_path / "val")["model"]
+    # the same test scores with the labels flipped: AUROC changes, the threshold (validation normals) does not
+    rows = list(csv.reader((tmp_path / "test" / "slice_scores.csv").open()))
+    for row in rows[1:]:
+        row[-1] = {"0": "1", "1": "0"}.get(row[-1], row[-1])
+    write_csv(tmp_path / "test" / "slice_scores.csv", rows[0], rows[1:])
+    second = evaluate(tmp_path / "test", validation_output_dir=tmp_path / "val")["model"]
+    assert second["threshold"] == first["threshold"] and second["auc"] == pytest.approx(1 - first["auc"])
+    low, high = first["specificity_ci95"]
+    assert low <= first["specificity"] <= high and first["n_normal_cases"] == 4
+    assert "spec 95% CI" in (tmp_path / "test" / "metrics.md").read_text()

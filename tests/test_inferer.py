@@ -149,3 +149,24 @@ def test_background_patches_do_not_dilute_the_mean_patch_error():
     image = torch.zeros(1, 1, 16, 16)
     image[..., :4, :4] = 1.0  # the only foreground patch; Constant predicts 0.5 -> error 0.25 there
     assert inferer.score(image, Constant()).slice_scores.item() == pytest.approx(0.25)  # not 0.25 / 16
+
+
+def test_within_volume_standardisation_z_scores_slices_and_leaves_the_volume_score_raw():
+    from scripts.scoring.inferer import within_volume_z
+
+    z = within_volume_z(torch.tensor([1.0, 2.0, 3.0, 4.0, 10.0]))
+    # median 3, MAD 1 -> 1.4826
+    assert torch.allclose(z, torch.tensor([-2.0, -1.0, 0.0, 1.0, 7.0]) / 1.4826)
+    assert torch.all(within_volume_z(torch.full((4,), 2.0)) == 0)
+
+    volume = brain_volume()
+    volume[0, 0, 20:28, 20:28, 3] = 1.0  # a second, weaker bright patch: slices differ
+    raw = PatchRankingInferer(image_size=32, patch_size=8, test_input="image").score(volume, Constant())
+    standardised = PatchRankingInferer(image_size=32, patch_size=8, test_input="image",
+                                       slice_standardisation="volume").score(volume, Constant())
+    valid = raw.slice_valid
+    assert torch.allclose(standardised.slice_scores[valid], within_volume_z(raw.slice_scores[valid]))
+    assert torch.equal(standardised.case_scores, raw.case_scores)
+    assert torch.equal(standardised.heatmap, raw.heatmap)
+    with pytest.raises(ValueError, match="slice_standardisation"):
+        PatchRankingInferer(image_size=32, slice_standardisation="patient")

@@ -121,7 +121,7 @@ def test_pictures_of_another_channel_count_truncated_or_constant_are_named(setup
     derm = bundle_parser([INFERENCE, str(ROOT / "configs" / "dermoscopy.json")], TINY)
     torch.save(derm.get_parsed_content("network_def").state_dict(), tmp_path / "rgb.pt")
     result = _cli({**TINY, "ckpt_path": str(tmp_path / "rgb.pt"), "output_dir": str(tmp_path / "out"),
-                   "input_path": str(pictures)}, config=f"['{INFERENCE}','{ROOT / 'configs' / 'dermoscopy.json'}']")
+                   "input_path": str(pictures), "score_maps": ["ssim"]}, config=f"['{INFERENCE}','{ROOT / 'configs' / 'dermoscopy.json'}']")
     assert result.returncode == 0, result.stderr[-3000:]
     errors = _case_error(tmp_path)
     assert "grey.png: 1 channel(s), the model expects 3" in errors

@@ -138,7 +138,8 @@ def test_dermoscopy_outputs_are_pinned(tmp_path: Path) -> None:
         Image.fromarray((pixels * 255).astype(np.uint8)).save(folder / f"IMG_{index}.png")
     configs = ["inference.json", "dermoscopy.json"]
     weights = _weights(tmp_path / "models", configs, SMALL)
-    _infer(configs, {**SMALL, **weights, "input_path": str(folder)}, tmp_path / "out")
+    # the recorded variant: SSIM map with ranking (the dermoscopy default map is now the critic's)
+    _infer(configs, {**SMALL, **weights, "input_path": str(folder), "score_maps": ["ssim"]}, tmp_path / "out")
     _check("dermoscopy_ssim_ranking", _outputs(tmp_path / "out"))
 
 

@@ -101,6 +101,26 @@ def test_slice_cache_skips_a_bad_case_and_keeps_the_others(tmp_path, caplog):
     assert "missing_flair.nii.gz" in caplog.text
 
 
+def test_abnormal_pictures_join_lesion_free_training_only_with_a_lesion_in_their_mask(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:20, 8:20] = 255
+    items = []
+    for name, label, lesion in [("benign", 0, None), ("malignant", 1, mask), ("unmasked", 1, None),
+                                ("emptymask", 1, np.zeros_like(mask))]:
+        Image.fromarray((rng.uniform(0.2, 0.9, (32, 32, 3)) * 255).astype(np.uint8)).save(tmp_path / f"{name}.png")
+        item = {"case_id": name, "image": str(tmp_path / f"{name}.png"), "label": label}
+        if lesion is not None:
+            Image.fromarray(lesion).save(tmp_path / f"{name}_mask.png")
+            item["seg"] = str(tmp_path / f"{name}_mask.png")
+        items.append(item)
+    records = build_slice_records(items, image_size=16, labels=[0, 1], preprocessing=[], channels=3)
+    # nothing says which pixels of an unmasked (or empty-masked) malignant picture are normal: left out
+    assert {r["case_id"] for r in records} == {"benign", "malignant"}
+
+
 def test_real_brats_slice_labels_match_the_segmentation(shared_data):
     case = shared_data / "brats2013" / "BraTS13_pat0003"
     item = {"case_id": case.name, "image": str(case / f"{case.name}_flair.nii.gz"),

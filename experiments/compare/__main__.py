@@ -42,6 +42,8 @@ from experiments.compare.runs import (
     CONFIGS,
     FULL_SIZE,
     METHODS,
+    RUNNABLE,
+    VARIANTS,
     Settings,
     run_folds,
     small_preset,
@@ -66,7 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     data.add_argument("--test-masks-dir", help="2D images: masks of --test")
     parser.add_argument("--output", required=True, help="output folder")
     parser.add_argument("--methods", default=",".join(METHODS),
-                        help=f"comma-separated subset of {', '.join(METHODS)} (default: all)")
+                        help=f"comma-separated subset of {', '.join(METHODS)} (default: all) and of the Patch-GAN "
+                             f"scoring variants {', '.join(VARIANTS)} (trained once with patchgan)")
     parser.add_argument("--folds", type=int, help="number of patient folds with --dataset (default: min(4, cases))")
     parser.add_argument("--val-fraction", type=float, default=0.25, help="--train cases kept for validation")
     parser.add_argument("--image-size", type=int, help="network input size (default: the configs', 256)")
@@ -97,6 +100,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="patch level: least foreground fraction of a patch (both classes)")
     parser.add_argument("--patch-lesion-fraction", type=float, default=0.1,
                         help="patch level: least lesion fraction of an abnormal patch (normal: no lesion pixel)")
+    parser.add_argument("--patch-counts", type=int, default=None, metavar="N",
+                        help="patch level: at most N test patches per class and fold (the paper's ISIC set: 3000)")
     parser.add_argument("--resume", action="store_true", help="reuse the models and scores already in --output")
     return parser
 
@@ -106,9 +111,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
     if bool(args.dataset) == bool(args.train or args.test) or (not args.dataset and not (args.train and args.test)):
         raise SystemExit("give either --dataset DIR, or --train DIR and --test DIR")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = sorted(set(methods) - set(METHODS))
+    unknown = sorted(set(methods) - set(RUNNABLE))
     if unknown or not methods:
-        raise SystemExit(f"unknown methods {unknown}: choose from {', '.join(METHODS)}")
+        raise SystemExit(f"unknown methods {unknown}: choose from {', '.join(RUNNABLE)}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(name)s - %(levelname)s - %(message)s")
     if args.threads:
         import torch
@@ -138,8 +143,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
         patches = PatchProtocol(
             grid=int(config.get_parsed_content("image_size")) // int(config.get_parsed_content("patch_size")),
             brain_fraction=args.patch_brain_fraction, lesion_fraction=args.patch_lesion_fraction,
-            normalize=bool(config.get_parsed_content("normalize")),
-            foreground=str(config.get_parsed_content("foreground")), seed=args.seed)
+            preprocessing=config.get_parsed_content("case_preprocessing"),
+            foreground=str(config.get_parsed_content("foreground")), seed=args.seed, per_class=args.patch_counts)
     per_fold, failures = run_folds(folds, methods, settings, args.resume, patches)
     summary = aggregate(per_fold)
     fold_names = [fold.name for fold in folds]

@@ -14,6 +14,7 @@ from experiments.compare.runs import DISPLAY, METRICS, TABLE_ORDER, TRIVIAL, Set
 from scripts.evaluation.patch_protocol import PatchProtocol
 from scripts.evaluation.report import json_safe
 from scripts.outputs.formats import read_scores
+from scripts.scoring.references import LESION_REFERENCES
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float, int]:
@@ -43,8 +44,9 @@ def aggregate(per_fold: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> dict[s
                 for key in keys:
                     mean, std, n = _mean_std([f.get(key, math.nan) for f in found])
                     entry[level].update({key: mean, f"{key}_std": std, "n_folds": n})
-        entry["folds"] = {fold: {k: r.get(k) for k in ("auc", "ap", "sensitivity", "specificity", "threshold",
-                                                        "n_normal", "n_abnormal")} for fold, r in rows.items()}
+        entry["folds"] = {fold: {k: r.get(k) for k in ("auc", "ap", "sensitivity", "specificity", "specificity_ci95",
+                                                        "level_r2", "validation_auc", "threshold", "n_normal", "n_abnormal")}
+                          for fold, r in rows.items()}
         out[method] = entry
     return out
 
@@ -82,14 +84,15 @@ def comparison_markdown(summary: Mapping[str, Mapping[str, Any]], described: Map
         *(["", f"Patch level: a {patches.grid}x{patches.grid} grid of patches per slice (the scoring patches); normal "
             f"= at least {patches.brain_fraction:g} foreground and no lesion pixel, abnormal = at least "
             f"{patches.brain_fraction:g} foreground and {patches.lesion_fraction:g} lesion; test sets balanced by a "
-            "seeded subsample, the same patches for every method. A patch's score is its heatmap value (its patch "
+            "seeded subsample" + (f" of at most {patches.per_class} per class and fold" if patches.per_class else "")
+            + ", the same patches for every method. A patch's score is its heatmap value (its patch "
             "error), so both Patch-GAN rows coincide (ranking only aggregates patches), ALOCC is scored by its "
             "reconstruction error and the OCSVM, which has no heatmap, is absent."] if patches else []),
         "",
         f"## {table}",
         "",
-        "| Method | AUC | AP | Sensitivity @thr | Specificity @thr |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        "| Method | AUC | AP | Sensitivity @thr | Specificity @thr | Level R² (normal) | Validation AUC |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name in _ordered(list(summary)):
         r = summary[name]
@@ -99,6 +102,8 @@ def comparison_markdown(summary: Mapping[str, Mapping[str, Any]], described: Map
         for name in _ordered(list(summary)):
             values = [summary[name]["folds"].get(f, {}).get("auc") for f in folds]
             lines.append(f"| `{name}` | " + " | ".join(_cell(v, math.nan) if v is not None else "n/a" for v in values) + " |")
+    if brain and level == "slice":
+        lines += _transfer_lines(summary, folds, settings.fpr)
     for level, title, keys in (("case", "Case level (one score per volume or image)", ("auc", "ap")),
                                ("pixel", "Pixel level (heatmaps inside the foreground)", ("pixel_auc", "pixel_ap"))):
         rows = [name for name in _ordered(list(summary)) if level in summary[name]]
@@ -114,6 +119,26 @@ def comparison_markdown(summary: Mapping[str, Mapping[str, Any]], described: Map
     if failures:
         lines += ["", "## Failures", ""] + [f"- {failure}" for failure in failures]
     return "\n".join(lines) + "\n"
+
+
+def _transfer_lines(summary: Mapping[str, Mapping[str, Any]], folds: Sequence[str], fpr: float) -> list[str]:
+    """Held-out specificity per fold against the target, with its patient-bootstrap interval, and how much of each
+    score the axial level explains (R² of a quadratic in the level, normal test slices)."""
+    lines = ["", f"## Operating point on held-out patients (target specificity {1 - fpr:g})", "",
+             "Specificity of the test patients' normal slices at the threshold fitted on the validation patients' "
+             "normal slices; in brackets the 95% bootstrap interval over test patients.", "",
+             "| Method | " + " | ".join(folds) + " |", "| --- |" + " ---: |" * len(folds)]
+    for name in _ordered(list(summary)):
+        cells = []
+        for fold in folds:
+            r = summary[name]["folds"].get(fold, {})
+            spec, ci = r.get("specificity"), r.get("specificity_ci95")
+            if spec is None or not np.isfinite(spec):
+                cells.append("n/a")
+            else:
+                cells.append(f"{spec:.3f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""))
+        lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _settings_dict(settings: Settings) -> dict[str, Any]:
@@ -135,7 +160,8 @@ def pooled_series(fold_dirs: Mapping[str, Path], methods: Sequence[str], first: 
     """Test scores of every method (and the trivial references) pooled over folds, each fold z-scored against
     its own normal validation scores (raw scores when the fold has no validation output)."""
     pooled: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
-    wanted = [(m, m, "score") for m in methods] + [(t, first, t) for t in (*TRIVIAL, "trivial_darkness", "trivial_texture")]
+    references = (*TRIVIAL, "trivial_darkness", "trivial_texture", *LESION_REFERENCES)
+    wanted = [(m, m, "score") for m in methods] + [(t, first, t) for t in references]
     for fold_dir in fold_dirs.values():
         for name, method, column in wanted:
             test = _series(fold_dir / method, column)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import time
 import traceback
@@ -12,12 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tqdm import tqdm
 
 from experiments.compare.folds import Fold
 from scripts.data.datalist import load_datalist
 from scripts.evaluation.evaluate import evaluate
+from scripts.evaluation.metrics import detection_metrics
 from scripts.evaluation.patch_protocol import PatchProtocol
+from scripts.outputs.formats import read_scores
 
 logger = logging.getLogger("experiments.compare")
 
@@ -33,6 +37,15 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "alocc": ("alocc", {}),
     "ocsvm_guided": ("ocsvm_guided", {}),
 }
+# scoring variants of the Patch-GAN (one training, another inference): asked for by name, not in the default list
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "patchgan_ssim": ("patchgan", {"score_maps": ["ssim"]}),
+    "patchgan_critic": ("patchgan", {"score_maps": ["critic"]}),
+    "patchgan_feature": ("patchgan", {"score_maps": ["feature"]}),
+    "patchgan_volume_z": ("patchgan", {"slice_standardisation": "volume"}),
+    "patchgan_no_ranking_volume_z": ("patchgan", {"ranking": False, "slice_standardisation": "volume"}),
+}
+RUNNABLE = {**METHODS, **VARIANTS}
 # model -> override config files merged onto train.json and inference.json
 MODEL_CONFIGS: dict[str, list[str]] = {
     "patchgan": [],
@@ -42,7 +55,7 @@ MODEL_CONFIGS: dict[str, list[str]] = {
     "ocsvm_guided": ["ocsvm_guided.json"],
 }
 TRIVIAL = ("trivial_intensity", "trivial_position")
-TABLE_ORDER = ("ae", "ocsvm", "alocc", "ocsvm_guided", "patchgan_no_ranking", "patchgan_ranking")
+TABLE_ORDER = ("ae", "ocsvm", "alocc", "ocsvm_guided", "patchgan_no_ranking", "patchgan_ranking", *VARIANTS)
 DISPLAY = {
     "ae": "AE (convolutional autoencoder, MSE)",
     "ocsvm": "OCSVM (pixels, PCA 95%)",
@@ -50,12 +63,21 @@ DISPLAY = {
     "ocsvm_guided": "OCSVM-guided AE",
     "patchgan_no_ranking": "Patch-GAN without ranking",
     "patchgan_ranking": "Patch-GAN with targeted patch ranking",
+    "patchgan_ssim": "Patch-GAN, ranking, SSIM map",
+    "patchgan_critic": "Patch-GAN, ranking, critic map (1 - D)",
+    "patchgan_feature": "Patch-GAN, ranking, critic-feature map",
+    "patchgan_volume_z": "Patch-GAN, ranking, slice scores z-scored within the volume",
+    "patchgan_no_ranking_volume_z": "Patch-GAN, no ranking, slice scores z-scored within the volume",
     "trivial_intensity": "trivial: brightest foreground intensity",
     "trivial_position": "trivial: axial position",
     "trivial_darkness": "trivial: darkness",
     "trivial_texture": "trivial: texture (intensity std, patch level)",
+    "trivial_area": "trivial: lesion area (mask)",
+    "trivial_asymmetry": "trivial: lesion asymmetry (mask)",
+    "trivial_border": "trivial: border irregularity (mask)",
+    "trivial_variegation": "trivial: colour variegation in the lesion (mask)",
 }
-METRICS = ("auc", "ap", "sensitivity", "specificity")
+METRICS = ("auc", "ap", "sensitivity", "specificity", "level_r2", "validation_auc")
 FULL_SIZE = 256  # the paper's image size (configs/train.json)
 
 
@@ -142,7 +164,7 @@ def train_model(model: str, fold: Fold, folder: Path, settings: Settings) -> Pat
 
 def infer(method: str, fold: Fold, split: str, output: Path, ckpt: Path, settings: Settings, heatmaps: bool) -> None:
     """Score the fold's ``split`` cases with a trained method into ``output`` (the core's CSV format)."""
-    model, own = METHODS[method]
+    model, own = RUNNABLE[method]
     overrides: dict[str, Any] = {
         **settings.common(model), "datalist": str(fold.datalist), "dataset_dir": "", "datalist_split": split,
         "output_dir": str(output), "ckpt_path": str(ckpt / "model.pt"), "write_heatmaps": heatmaps,
@@ -175,7 +197,7 @@ def run_folds(folds: Sequence[Fold], methods: Sequence[str], settings: Settings,
 
     Returns ``{fold: evaluate(...) results}`` at slice level, or at patch level with ``patches``, and the failures.
     """
-    models = {method: METHODS[method][0] for method in methods}
+    models = {method: RUNNABLE[method][0] for method in methods}
     owner = {model: next(m for m in methods if models[m] == model) for model in models.values()}
     steps = len(folds) * (len(owner) + 2 * len(methods) + 1)
     per_fold: dict[str, dict[str, Any]] = {}
@@ -235,7 +257,7 @@ def evaluate_fold(fold: Fold, done: Mapping[str, Path], fpr: float, patches: Pat
                        validation_output_dir={m: d / "validation" for m, d in done.items()},
                        datalist=load_datalist(fold.datalist, "testing"), fpr=fpr)
     if patches is None:
-        return results
+        return _with_validation_auc(results, done)
     tested, validated = load_datalist(fold.datalist, "testing"), load_datalist(fold.datalist, "validation")
     patch_dirs = {}
     for method, folder in done.items():
@@ -247,9 +269,28 @@ def evaluate_fold(fold: Fold, done: Mapping[str, Path], fpr: float, patches: Pat
             logger.info("%s: %s wrote no heatmaps, so it has no patch-level score", fold.name, method)
     if not patch_dirs:
         raise RuntimeError("no method wrote heatmaps for the patch level (do the cases have lesion masks?)")
-    return evaluate(next(iter(patch_dirs.values())), eval_dir=fold.folder / "evaluation_patch", methods=patch_dirs,
-                    validation_output_dir={m: d / "validation" for m, d in patch_dirs.items()
-                                           if (d / "validation" / "slice_scores.csv").is_file()}, fpr=fpr)
+    results = evaluate(next(iter(patch_dirs.values())), eval_dir=fold.folder / "evaluation_patch", methods=patch_dirs,
+                       validation_output_dir={m: d / "validation" for m, d in patch_dirs.items()
+                                              if (d / "validation" / "slice_scores.csv").is_file()}, fpr=fpr)
+    return _with_validation_auc(results, patch_dirs)
+
+
+def _with_validation_auc(results: dict[str, Any], done: Mapping[str, Path]) -> dict[str, Any]:
+    """Each method's (and trivial reference's) AUROC on the fold's validation cases, ``validation_auc``: what a
+    setting may be chosen on, since it never looks at the test labels. NaN when the validation set has one class."""
+    first = next(iter(done))
+    for name, result in results.items():
+        folder, column = (done[first], name) if name not in done else (done[name], "score")
+        try:
+            slices = read_scores(folder / "validation")[1]
+        except FileNotFoundError:
+            continue
+        if column in slices and "label" in slices:
+            keep = (slices["label"] >= 0) & np.isfinite(slices[column])
+            labels = slices["label"][keep]
+            both = np.any(labels == 0) and np.any(labels == 1)
+            result["validation_auc"] = detection_metrics(labels, slices[column][keep])["auc"] if both else math.nan
+    return results
 
 
 class _Timed:

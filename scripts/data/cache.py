@@ -22,10 +22,10 @@ from monai.transforms import Compose
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from scripts.config import require_bool
+from scripts.data.brain import case_preprocessing, describe
 from scripts.data.datalist import case_items
 from scripts.data.io import InputError, write_atomic
-from scripts.data.transforms import BrainPercentileNormalized, LoadCased, VolumeToSlicesd
+from scripts.data.transforms import LoadCased, VolumeToSlicesd
 
 logger = logging.getLogger(__name__)
 
@@ -33,14 +33,12 @@ RECORD_ARRAYS = ("image", "brain", "seg", "slice_index", "label")
 
 
 def case_to_slices(
-    image_size: int, min_brain_fraction: float = 0.1, min_lesion_voxels: int = 20, normalize: bool = True,
-    channels: int | None = None,
+    image_size: int, min_brain_fraction: float = 0.1, min_lesion_voxels: int = 20,
+    preprocessing: Sequence[Callable] = (), channels: int | None = None,
 ) -> Compose:
-    """The per-case pipeline: read (RAS), normalise inside the brain, cut into labelled resized slices."""
-    steps: list[Callable] = [LoadCased(channels=channels)]
-    if normalize:
-        steps.append(BrainPercentileNormalized("image"))
-    steps.append(VolumeToSlicesd(image_size, min_brain_fraction, min_lesion_voxels))
+    """The per-case pipeline: read (RAS), ``preprocessing`` (``brain.case_preprocessing``: brain extraction, bias
+    field, normalisation), cut into labelled resized slices."""
+    steps = [LoadCased(channels=channels), *preprocessing, VolumeToSlicesd(image_size, min_brain_fraction, min_lesion_voxels)]
     return Compose(steps, map_items=False)
 
 
@@ -87,20 +85,23 @@ def build_slice_records(
     image_size: int,
     min_brain_fraction: float = 0.1,
     min_lesion_voxels: int = 20,
-    normalize: bool = True,
+    preprocessing: Sequence[Callable] | None = None,
     cache_dir: str | os.PathLike | None = None,
     num_workers: int = 0,
     labels: Sequence[int] | None = None,
     channels: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Slice records (see docs/architecture.md) of every readable case, optionally only some ``labels``."""
-    require_bool("normalize", normalize)
+    """Slice records (see docs/architecture.md) of every readable case, optionally only some ``labels``.
+
+    ``preprocessing`` defaults to ``brain.case_preprocessing()`` (normalisation only: skull-stripped input).
+    """
+    steps = case_preprocessing() if preprocessing is None else list(preprocessing)
     params = {"image_size": image_size, "min_brain_fraction": min_brain_fraction,
-              "min_lesion_voxels": min_lesion_voxels, "normalize": normalize, "version": 1}
+              "min_lesion_voxels": min_lesion_voxels, "preprocessing": describe(steps), "version": 2}
     cache = Path(cache_dir) if cache_dir else None
     if cache is not None:
         cache.mkdir(parents=True, exist_ok=True)
-    pipeline = case_to_slices(image_size, min_brain_fraction, min_lesion_voxels, normalize, channels)
+    pipeline = case_to_slices(image_size, min_brain_fraction, min_lesion_voxels, steps, channels)
     loader = DataLoader(_CaseDataset(items, pipeline, cache, params), batch_size=None, num_workers=num_workers)
     records: list[dict[str, Any]] = []
     failed: list[str] = []
@@ -116,10 +117,17 @@ def build_slice_records(
 
 
 def _case_records(case: dict[str, Any], labels: Sequence[int] | None) -> list[dict[str, Any]]:
-    """Split a case's stacked arrays into one record per slice."""
+    """Split a case's stacked arrays into one record per slice.
+
+    An abnormal record (label 1) is kept only with a lesion in its mask: records serve training and calibration
+    on normal tissue, and without a mask nothing says which of its pixels are normal (lesion-free training
+    ignores the lesion pixels only where it knows them).
+    """
     out = []
     for i, label in enumerate(np.asarray(case["label"]).tolist()):
         if labels is not None and label not in labels:
+            continue
+        if label == 1 and ("seg" not in case or not np.asarray(case["seg"][i]).any()):
             continue
         record = {"case_id": case["case_id"], "slice_index": int(case["slice_index"][i]), "label": int(label)}
         for key in ("image", "brain", "seg"):
@@ -159,7 +167,7 @@ class SliceDataset(MonaiDataset):
     """A MONAI ``Dataset`` of the slice records of cases: ``slicer`` (``build_slice_records`` with its settings,
     the ``slices`` config id) cuts ``data`` (case items, see ``case_items``) into records, ``transform`` applies
     per record. Its ``data`` is the list of cases, so MONAI Label's ``train#dataset#data`` override works.
-    ``labels``, when given, replaces the slicer's choice of slice labels (``configs/lesion_free.json``)."""
+    ``labels``, when given, replaces the slicer's choice of slice labels (``lesion_free``: ``[0, 1]``)."""
 
     def __init__(
         self,

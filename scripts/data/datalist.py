@@ -42,6 +42,7 @@ from scripts.data.layouts import (
 from scripts.data.rules import check_case_id, check_unique_case_ids, file_case_id, item_case_id
 
 SPLITS = ("training", "validation", "testing")
+PATH_KEYS = ("image", "seg", "brainmask")  # item entries that are file paths (relative in a written datalist)
 
 logger = logging.getLogger(__name__)
 
@@ -239,9 +240,9 @@ def _allocate(n: int, fractions: Sequence[float], deficit: Sequence[float]) -> l
 
 
 def _relative(item: Mapping[str, Any], root: Path) -> dict[str, Any]:
-    """The item with ``image``/``seg`` relative to ``root`` (POSIX separators)."""
+    """The item with its ``PATH_KEYS`` relative to ``root`` (POSIX separators)."""
     out = dict(item)
-    for key in ("image", "seg"):
+    for key in PATH_KEYS:
         if key in out:
             out[key] = Path(os.path.relpath(out[key], root)).as_posix()
     return out
@@ -252,7 +253,7 @@ def _absolute(item: Mapping[str, Any], base: Path, source: str) -> dict[str, Any
         raise InputError(f"{source}: datalist item without an 'image' path: {item!r}")
     out = dict(item)
     out["case_id"] = item_case_id(item, source)
-    for key in ("image", "seg"):
+    for key in PATH_KEYS:
         if out.get(key):
             out[key] = os.path.abspath(os.path.join(base, out[key]))  # normalised, symlinks kept
     return out

@@ -3,7 +3,8 @@
 Layouts (``detect_layout`` picks one):
 
 - ``brats``: ``<case>/<case>_flair.<ext>`` with an optional ``<case>_seg.<ext>`` (BraTS 2013-2021 naming), the case
-  folders optional (a flat folder of ``<case>_flair.<ext>`` works the same);
+  folders optional (a flat folder of ``<case>_flair.<ext>`` works the same), and an optional
+  ``<case>_brainmask.<ext>`` (used with ``brain_mask: "file"``);
 - ``volumes``: any volume files (``<case>.nii.gz``, ``.nii``, ``.mha``, ``.nrrd``), flat or in sub-folders, each a
   case, with an optional ``<case>_seg.<ext>`` beside it (what a scanner export or a folder of unlabelled scans is);
 - ``msd``: Medical Segmentation Decathlon Task01 (``dataset.json``, 4D ``imagesTr/``, ``labelsTr/``);
@@ -24,7 +25,8 @@ from scripts.data.rules import file_case_id, strip_suffix
 logger = logging.getLogger(__name__)
 
 LAYOUTS = ("auto", "brats", "msd", "volumes", "images")
-MASK_SUFFIXES = ("_seg", "_brainmask", "_mask", "_label")
+BRAIN_MASK_SUFFIX = "_brainmask"
+MASK_SUFFIXES = ("_seg", BRAIN_MASK_SUFFIX, "_mask", "_label")
 VOLUME_SUFFIXES = (".nii.gz", ".nii", ".mha", ".nrrd")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 MASK_NAME_PATTERNS = ("{}_segmentation.png", "{}.png")
@@ -64,7 +66,8 @@ def find_brats_cases(dataset_dir: str | os.PathLike) -> list[dict[str, Any]]:
         flairs.setdefault(case_id, path)
     if not flairs:
         raise InputError(f"{root}: no <case>_flair.<ext> volumes found (ext: {', '.join(VOLUME_SUFFIXES)})")
-    return [_volume_item(case_id, flair, _find_seg(flair, "_flair")) for case_id, flair in sorted(flairs.items())]
+    return [_volume_item(case_id, flair, _find_seg(flair, "_flair"), _find_seg(flair, "_flair", BRAIN_MASK_SUFFIX))
+            for case_id, flair in sorted(flairs.items())]
 
 
 def find_volume_cases(dataset_dir: str | os.PathLike) -> list[dict[str, Any]]:
@@ -80,7 +83,8 @@ def find_volume_cases(dataset_dir: str | os.PathLike) -> list[dict[str, Any]]:
         if case_id in cases:
             raise InputError(f"{path}: case {case_id!r} also found at {cases[case_id]} (case ids must be unique)")
         cases[case_id] = path
-    return [_volume_item(case_id, path, _find_seg(path, "")) for case_id, path in sorted(cases.items())]
+    return [_volume_item(case_id, path, _find_seg(path, ""), _find_seg(path, "", BRAIN_MASK_SUFFIX))
+            for case_id, path in sorted(cases.items())]
 
 
 def _volume_files(root: Path) -> list[Path]:
@@ -94,10 +98,13 @@ def _volume_files(root: Path) -> list[Path]:
     return sorted(found.values())
 
 
-def _volume_item(case_id: str, image: Path, seg: Path | None) -> dict[str, Any]:
+def _volume_item(case_id: str, image: Path, seg: Path | None, brainmask: Path | None = None) -> dict[str, Any]:
     """A case item; the label comes from the mask, and a mask that cannot be read is kept (its case then fails on
-    its own, with the file named) rather than stopping the whole datalist."""
+    its own, with the file named) rather than stopping the whole datalist. A ``<case>_brainmask`` beside the
+    volume is listed for ``brain_mask: "file"``."""
     item: dict[str, Any] = {"case_id": case_id, "image": str(image)}
+    if brainmask is not None:
+        item["brainmask"] = str(brainmask)
     if seg is not None:
         item["seg"] = str(seg)
         try:
@@ -194,12 +201,13 @@ def _has_lesion(seg: Path) -> int:
     return int(read_mask(seg).any())
 
 
-def _find_seg(image: Path, image_suffix: str) -> Path | None:
-    """``<case>_seg.<ext>`` beside a volume named ``<case><image_suffix>.<ext>``, any of the volume extensions."""
+def _find_seg(image: Path, image_suffix: str, mask: str = "_seg") -> Path | None:
+    """``<case>_seg.<ext>`` (or another ``mask`` suffix) beside a volume named ``<case><image_suffix>.<ext>``, any of
+    the volume extensions."""
     stem = strip_suffix(image.name, VOLUME_SUFFIXES)
     prefix = stem[: len(stem) - len(image_suffix)]
     for suffix in VOLUME_SUFFIXES:
-        candidate = image.parent / f"{prefix}_seg{suffix}"
+        candidate = image.parent / f"{prefix}{mask}{suffix}"
         if candidate.is_file():
             return candidate
     return None

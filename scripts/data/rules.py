@@ -8,7 +8,7 @@ score tables too.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,19 @@ def foreground(slices: torch.Tensor, mode: str = "nonzero") -> torch.Tensor:
 def select_slices(area: torch.Tensor, min_fraction: float) -> torch.Tensor:
     """Slices whose foreground area is at least ``min_fraction`` of the largest (and not empty)."""
     return (area > 0) & (area >= min_fraction * area.max())
+
+
+def relative_levels(case_ids: Sequence[str] | np.ndarray, slice_index: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Each scored slice's axial level within its case: 0 at the case's lowest scored slice, 1 at its highest
+    (0.5 for a case of one slice). The axis of the trivial position reference and of the level confound."""
+    case_ids, index = np.asarray(case_ids), np.asarray(slice_index, dtype=np.float64)
+    levels = np.full(index.shape, 0.5)
+    for case in np.unique(case_ids):
+        rows = case_ids == case
+        low, high = index[rows].min(), index[rows].max()
+        if high > low:
+            levels[rows] = (index[rows] - low) / (high - low)
+    return levels
 
 
 def check_scorable(path: str | Path, image: np.ndarray, channels: int | None = None) -> None:

@@ -49,30 +49,32 @@ class LoadCased(MapTransform):
     Volumes are reoriented to RAS; ``image_meta_dict`` keeps the original affine and the orientation change so
     that heatmaps can be written back on the input grid. A 4D volume needs the item's ``channel`` entry.
     ``channels`` (the model's ``in_channels``, when given) and ``rules.check_scorable`` refuse, naming the file, a
-    picture of another channel count and an image too small to score.
+    picture of another channel count and an image too small to score. A volume's ``brainmask`` file (when the
+    item names one) is read onto the same RAS grid, like its lesion mask.
     """
 
     def __init__(
-        self, image_key: str = "image", seg_key: str = "seg", allow_missing_keys: bool = True, channels: int | None = None
+        self, image_key: str = "image", seg_key: str = "seg", allow_missing_keys: bool = True, channels: int | None = None,
+        brain_key: str = "brainmask",
     ) -> None:
-        super().__init__([image_key, seg_key], allow_missing_keys)
-        self.image_key, self.seg_key, self.channels = image_key, seg_key, channels
+        super().__init__([image_key, seg_key, brain_key], allow_missing_keys)
+        self.image_key, self.seg_key, self.brain_key, self.channels = image_key, seg_key, brain_key, channels
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         path = str(d[self.image_key])
-        seg_path = d.get(self.seg_key)
         if is_2d_image(path):
             image = io.read_image_2d(path)
             meta = {"filename": path, "spatial_shape": np.array(image.shape[1:]), "ndim": 2}
-            if seg_path:
-                d[self.seg_key] = io.read_mask_2d(str(seg_path), image.shape[1:])
+            if d.get(self.seg_key):
+                d[self.seg_key] = io.read_mask_2d(str(d[self.seg_key]), image.shape[1:])
         else:
             volume = io.read_volume(path, channel=d.get("channel"))
             image, meta = self._canonical(volume), self._volume_meta(path, volume)
-            if seg_path:
-                mask = io.read_mask(str(seg_path), volume)
-                d[self.seg_key] = self._canonical(nib.Nifti1Image(mask.astype(np.uint8), volume.affine)).astype(np.uint8)
+            for key in (self.seg_key, self.brain_key):
+                if d.get(key):
+                    mask = io.read_mask(str(d[key]), volume)
+                    d[key] = self._canonical(nib.Nifti1Image(mask, volume.affine)).astype(np.uint8)
         check_scorable(path, image, self.channels)
         d[self.image_key] = image
         d[f"{self.image_key}_meta_dict"] = meta
@@ -106,6 +108,11 @@ class BrainPercentileNormalized(MapTransform):
     def __init__(self, keys: KeysCollection, lower: float = 0.5, upper: float = 99.5, floor: float = 1e-3) -> None:
         super().__init__(keys)
         self.lower, self.upper, self.floor = lower, upper, floor
+
+    @property
+    def settings(self) -> dict[str, float]:
+        """What decides the output (part of the slice cache's key)."""
+        return {"lower": self.lower, "upper": self.upper, "floor": self.floor}
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)

@@ -35,11 +35,13 @@ import numpy as np
 
 from scripts.data import io
 from scripts.data.io import read_mask, read_mask_2d, read_volume
-from scripts.data.rules import background_foreground, is_2d_image
+from scripts.data.rules import background_foreground, is_2d_image, relative_levels
 from scripts.evaluation.metrics import (
     MAX_PIXELS,
     Series,
+    clustered_rate_ci,
     detection_metrics,
+    level_dependence,
     operating_point,
     pixel_metrics,
     region_pixels,
@@ -104,6 +106,10 @@ def evaluate(
     for name, (labels, scores) in series.items():
         source = validation.get(first if name.startswith(TRIVIAL_PREFIX) else name)
         results[name] = _method_result(labels, scores, validation_series.get(name), source, fpr, level)
+    if level == "slice":
+        for name, result in results.items():
+            source = tables[first if name.startswith(TRIVIAL_PREFIX) else name][1]
+            _add_slice_diagnostics(result, source, "score" if name in tables else name)
     for name in (name for name in results if name in tables):
         _add_failures(results[name], methods[name])
         if level == "slice":
@@ -165,10 +171,11 @@ def _labelled_rows(method: str, columns: Columns, column: str) -> Series | None:
     labels, scores = columns["label"], columns[column]
     labelled = labels >= 0
     keep = labelled & np.isfinite(scores)
-    if np.any(labelled & ~keep):
+    if np.any(labelled & ~keep) and not method.startswith(TRIVIAL_PREFIX):
         logger.warning("%s: %d labelled rows without a score dropped", method, int(np.sum(labelled & ~keep)))
-    if not np.any(keep):
-        logger.warning("%s: no labelled rows with a score, skipped", method)
+    if not np.any(keep):  # a reference that needs what these data lack (a lesion mask) is no method's failure
+        (logger.info if method.startswith(TRIVIAL_PREFIX) else logger.warning)("%s: no labelled rows with a score, "
+                                                                              "skipped", method)
         return None
     if method.startswith(TRIVIAL_PREFIX) and np.ptp(scores[keep]) == 0:
         logger.info("%s is constant on these data (no reference), skipped", method)
@@ -191,6 +198,25 @@ def _method_result(
             logger.warning("no normal validation rows in %s: no threshold", source)
         result.update(threshold=math.nan, sensitivity=math.nan, specificity=math.nan, threshold_source=None)
     return result
+
+
+def _add_slice_diagnostics(result: dict[str, Any], slices: Columns, column: str) -> None:
+    """What a slice score owes to the axial level, and how far its operating point transfers to new patients.
+
+    ``level_r2``: ``metrics.level_dependence`` of the score on the normal test slices (levels from
+    ``rules.relative_levels`` over every scored slice of a case). ``specificity_ci95``: the patient-bootstrap
+    interval of the test specificity at the validation threshold (``metrics.clustered_rate_ci``), with
+    ``n_normal_cases`` patients contributing normal slices.
+    """
+    scores, labels = slices[column], slices["label"]
+    scored = np.isfinite(scores)
+    levels = np.full(scores.shape, np.nan)
+    levels[scored] = relative_levels(slices["case_id"][scored], slices["slice_index"][scored])
+    normal = scored & (labels == 0)
+    result["level_r2"] = level_dependence(levels[normal], scores[normal])
+    if np.isfinite(result.get("threshold", math.nan)) and np.any(normal):
+        low, high = clustered_rate_ci(scores[normal] <= result["threshold"], slices["case_id"][normal])
+        result.update(specificity_ci95=[low, high], n_normal_cases=int(len(np.unique(slices["case_id"][normal]))))
 
 
 def _add_case_level(result: dict[str, Any], cases: Columns) -> None:

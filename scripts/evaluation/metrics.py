@@ -70,6 +70,38 @@ def operating_point(
     return {"sensitivity": sensitivity, "specificity": specificity, "threshold": float(threshold)}
 
 
+def clustered_rate_ci(
+    hits: Sequence[bool] | np.ndarray, groups: Sequence[str] | np.ndarray, n_boot: int = 2000, seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of a rate (e.g. specificity: the share of normal slices called normal) that
+    resamples whole ``groups`` (patients), not rows: slices of one patient are not independent, and a threshold
+    that fails on one scanner fails on all its slices. NaN when there are no rows."""
+    hits, groups = np.asarray(hits, dtype=np.float64), np.asarray(groups)
+    if hits.size == 0:
+        return math.nan, math.nan
+    names, index = np.unique(groups, return_inverse=True)
+    sums, counts = np.bincount(index, hits, len(names)), np.bincount(index, minlength=len(names))
+    picks = np.random.default_rng(seed).integers(0, len(names), size=(n_boot, len(names)))
+    rates = sums[picks].sum(1) / np.maximum(counts[picks].sum(1), 1)
+    tail = 100 * (1 - level) / 2
+    low, high = np.percentile(rates, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def level_dependence(levels: Sequence[float] | np.ndarray, scores: Sequence[float] | np.ndarray) -> float:
+    """How much of a score the axial level explains: R^2 of a quadratic in the relative level (0 lowest scored
+    slice, 1 highest) fitted to the scores. Measured on normal slices, where nothing but anatomy, coverage and
+    artefact changes with the level; NaN with fewer than 4 finite pairs, constant scores or one level."""
+    levels, scores = np.asarray(levels, dtype=np.float64), np.asarray(scores, dtype=np.float64)
+    keep = np.isfinite(levels) & np.isfinite(scores)
+    levels, scores = levels[keep], scores[keep]
+    if levels.size < 4 or np.ptp(scores) == 0 or np.ptp(levels) == 0:  # pictures and patches have no level
+        return math.nan
+    fitted = np.polyval(np.polyfit(levels, scores, 2), levels)
+    return float(1 - np.sum((scores - fitted) ** 2) / np.sum((scores - scores.mean()) ** 2))
+
+
 def pixel_metrics(
     heatmaps: Sequence[np.ndarray],
     masks: Sequence[np.ndarray],

@@ -7,7 +7,7 @@ core's ``slice_scores.csv`` format, so that ``scripts.evaluation.evaluate`` scor
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,8 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from scripts.data.brain import case_preprocessing
 from scripts.data.rules import foreground
-from scripts.data.transforms import BrainPercentileNormalized, LoadCased
+from scripts.data.transforms import LoadCased
 from scripts.outputs import formats
 from scripts.scoring.patches import grid_cells
 
@@ -29,21 +30,26 @@ class PatchProtocol:
     foreground rule and at least ``lesion_fraction`` of lesion pixels; the rest is left out. A patch's score is
     its value in the method's heatmap (its patch error); methods without a heatmap (the OCSVM) have no patch
     score. Test sets are balanced by a seeded subsample of the larger class, the same patches for every method.
+    ``preprocessing`` is the inference's ``case_preprocessing`` (default: normalisation only), so that patches are
+    read from the pixels the model scored.
     """
 
     grid: int
     brain_fraction: float = 0.9
     lesion_fraction: float = 0.1
-    normalize: bool = True
+    preprocessing: Sequence[Callable] | None = None
     foreground: str = "nonzero"
     seed: int = 0
+    per_class: int | None = None
 
     def case_patches(self, item: Mapping[str, Any], heatmap: Path, slices: Sequence[int]) -> dict[str, np.ndarray]:
         """Per patch of the given slices: ``slice``, ``cell``, ``score``, ``brain`` and ``lesion`` fractions and three
         model-free references: the brightest foreground intensity, the darkness (1 - mean intensity) and the
         texture (intensity standard deviation), read on the case's own grid (RAS, as the inferer sliced it)."""
         case = LoadCased()(dict(item))
-        image = BrainPercentileNormalized("image").normalise(case["image"]) if self.normalize else case["image"]
+        for step in case_preprocessing() if self.preprocessing is None else self.preprocessing:
+            case = step(case)
+        image = case["image"]
         heat = formats.read_heatmap(heatmap, canonical=True)
         if heat.ndim == 3:
             image, lesion, heat = image[..., slices], case["seg"][0][..., slices] > 0, heat[..., slices]
@@ -82,7 +88,7 @@ class PatchProtocol:
         False when the method wrote no heatmaps."""
         slices = formats.read_scores(method_dir)[1]
         by_case = {item["case_id"]: item for item in items if item.get("seg")}
-        header = [*formats.SLICE_COLUMNS[:-1], "trivial_texture", "label"]
+        header = [*formats.CORE_SLICE_COLUMNS, "trivial_texture", "label"]
         rows: list[list[Any]] = []
         for case_id in dict.fromkeys(slices["case_id"].tolist()):
             heat = formats.find_heatmap(method_dir, case_id)
@@ -105,11 +111,12 @@ class PatchProtocol:
         return True
 
     def balanced(self, rows: list[list[Any]]) -> list[list[Any]]:
-        """Equal numbers of normal and abnormal rows: a seeded subsample of the larger class (the choice depends
-        on the patches' identities only, so every method gets the same test set)."""
+        """Equal numbers of normal and abnormal rows: a seeded subsample of the larger class, and of both down to
+        ``per_class`` when set (the paper's ISIC test set: 3,000 of each); the choice depends on the patches'
+        identities only, so every method gets the same test set."""
         rows = sorted(rows, key=lambda row: row[0])
         labels = np.array([row[-1] for row in rows])
-        n = min(int(np.sum(labels == 0)), int(np.sum(labels == 1)))
+        n = min(int(np.sum(labels == 0)), int(np.sum(labels == 1)), self.per_class or len(labels))
         rng = np.random.default_rng(self.seed)
         keep = np.concatenate([np.sort(rng.permutation(np.flatnonzero(labels == c))[:n]) for c in (0, 1)])
         return [rows[i] for i in np.sort(keep)]

@@ -17,11 +17,15 @@ def metrics_markdown(results: Mapping[str, Mapping[str, Any]], level: str, fpr: 
         f"rate {fpr:g}); a score above it is called abnormal. n/a: no validation scores given.",
         "",
         *_table(
-            ["method", "AUROC", "AP", "n normal", "n abnormal", "sens@thr", "spec@thr"],
-            [[name, r["auc"], r["ap"], r["n_normal"], r["n_abnormal"], r["sensitivity"], r["specificity"]]
-             for name, r in results.items()],
+            ["method", "AUROC", "AP", "n normal", "n abnormal", "sens@thr", "spec@thr", "spec 95% CI", "level R²"],
+            [[name, r["auc"], r["ap"], r["n_normal"], r["n_abnormal"], r["sensitivity"], r["specificity"],
+              _interval(r.get("specificity_ci95")), r.get("level_r2", "")] for name, r in results.items()],
         ),
     ]
+    if level == "slice":
+        lines += ["", "spec 95% CI: bootstrap over test patients (their normal slices move together). level R²: share "
+                  "of the score's variance on normal test slices that a quadratic in the axial level explains (0: "
+                  "the level says nothing; trivial_position is the level itself)."]
     failed = {name: r["n_failed_cases"] for name, r in results.items() if r.get("n_failed_cases")}
     if failed:
         lines += ["", "**Failed cases are not in these figures**: " + ", ".join(
@@ -44,6 +48,12 @@ def metrics_markdown(results: Mapping[str, Mapping[str, Any]], level: str, fpr: 
              for name, p in pixels.items()],
         )
     return "\n".join(lines) + "\n"
+
+
+def _interval(bounds: Any) -> str:
+    if not bounds or not all(np.isfinite(bounds)):
+        return "n/a"
+    return f"{bounds[0]:.3f}-{bounds[1]:.3f}"
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> list[str]:

@@ -32,11 +32,17 @@ Columns = dict[str, np.ndarray]
 SCORES = "scores.csv"
 SLICE_SCORES = "slice_scores.csv"
 ERRORS = "errors.csv"
+WARNINGS = "warnings.csv"
 HEATMAPS = "heatmaps"
 OVERLAYS = "overlays"
 SCORE_COLUMNS = ["case_id", "score", "label"]
-SLICE_COLUMNS = ["case_id", "slice_index", "score", "trivial_intensity", "trivial_position", "trivial_darkness", "label"]
+CORE_SLICE_COLUMNS = ["case_id", "slice_index", "score", "trivial_intensity", "trivial_position", "trivial_darkness"]
+SLICE_COLUMNS = [*CORE_SLICE_COLUMNS, "label"]
+# pictures with lesion masks add the mask-derived references (scripts.scoring.references.LESION_REFERENCES)
+PICTURE_SLICE_COLUMNS = [*CORE_SLICE_COLUMNS, "trivial_area", "trivial_asymmetry", "trivial_border",
+                         "trivial_variegation", "label"]
 ERROR_COLUMNS = ["case_id", "error"]
+WARNING_COLUMNS = ["case_id", "warning"]
 PNG_SCALE = 10000.0  # 2D heatmaps are 16-bit PNGs holding round(error * PNG_SCALE)
 VOLUME_HEATMAP, PICTURE_HEATMAP = "_heatmap.nii.gz", "_heatmap.png"
 VOLUME_OVERLAY, PICTURE_OVERLAY = "_top_slices.png", "_overlay.png"
@@ -116,7 +122,7 @@ def clear_results(output_dir: str | os.PathLike) -> int:
     is killed, never leaves old scores beside new heatmaps. Only files of these formats' names are touched."""
     folder = Path(output_dir)
     removed = 0
-    patterns = [(folder, name) for name in (SCORES, SLICE_SCORES, ERRORS)]
+    patterns = [(folder, name) for name in (SCORES, SLICE_SCORES, ERRORS, WARNINGS)]
     patterns += [(folder / HEATMAPS, f"*{VOLUME_HEATMAP}"), (folder / HEATMAPS, f"*{PICTURE_HEATMAP}"),
                  (folder / OVERLAYS, f"*{VOLUME_OVERLAY}"), (folder / OVERLAYS, f"*{PICTURE_OVERLAY}")]
     for parent, pattern in patterns:

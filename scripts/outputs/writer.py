@@ -22,7 +22,7 @@ from scripts.data.rules import axial_slices, slice_labels
 from scripts.outputs import formats
 from scripts.outputs.overlays import overlay_figure
 from scripts.scoring.inferer import AnomalyScores
-from scripts.scoring.references import trivial_scores
+from scripts.scoring.references import LESION_REFERENCES, lesion_references, trivial_scores
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,8 @@ class AnomalyScoreWriter:
         engine.add_event_handler(Events.COMPLETED, self._write)
 
     def _reset(self, engine: Engine) -> None:
-        self.case_rows, self.slice_rows, self.error_rows = [], [], []
+        self.case_rows, self.slice_rows, self.error_rows, self.warning_rows = [], [], [], []
+        self.pictures_with_masks = False
         make_folder(self.output_dir)
         removed = formats.clear_results(self.output_dir)
         if removed:
@@ -99,21 +100,31 @@ class AnomalyScoreWriter:
     def _collect_images(self, out: dict[str, Any], scores: AnomalyScores) -> None:
         images = out["image"].cpu()
         trivial = trivial_scores(images, torch.ones_like(images[:, :1], dtype=torch.bool), scores.slice_valid.cpu())
-        labels = out.get("label")
+        labels, seg = out.get("label"), out.get("seg")
         for i, case_id in enumerate(out["case_id"]):
             label = formats.label_cell(None if labels is None else labels[i])
             score = float(scores.slice_scores[i])
             self.case_rows.append([case_id, score, label])
+            mask = None if seg is None else seg[i, 0].cpu().numpy()
             values = [float(trivial["trivial_intensity"][i]), 0.0, float(trivial["trivial_darkness"][i])]
-            self.slice_rows.append([case_id, 0, score, *values, label])
+            self.slice_rows.append([case_id, 0, score, *values, *self._lesion_values(case_id, images[i], mask), label])
             heat = scores.heatmap[i, 0].float().cpu().numpy()
             if self.write_heatmaps:
                 formats.write_picture_heatmap(heat, formats.heatmap_path(self.output_dir, case_id, volume=False))
             if self.overlay_slices:
-                seg = out.get("seg")
-                mask = None if seg is None else seg[i, 0].cpu().numpy()
                 overlay_figure([images[i].numpy()], [heat], [f"{case_id}  score {score:.4g}"],
                                formats.overlay_path(self.output_dir, case_id, volume=False), [mask], transpose=False)
+
+    def _lesion_values(self, case_id: str, image: torch.Tensor, mask: np.ndarray | None) -> list[float]:
+        """The mask-derived references of a picture (``references.lesion_references``); NaN without a usable mask,
+        and the picture is named in ``warnings.csv`` (it is still scored)."""
+        if mask is not None:
+            self.pictures_with_masks = True
+        if mask is None or not mask.any():
+            problem = "no lesion mask" if mask is None else "empty lesion mask"
+            self.warning_rows.append([case_id, f"{problem}: scored, without the mask-derived references"])
+            return [float("nan")] * len(LESION_REFERENCES)
+        return list(lesion_references(image.numpy(), mask).values())
 
     def _overlay_volume(self, case_id: str, slices: torch.Tensor, scores: AnomalyScores, seg: Any) -> None:
         """Picture of the volume's highest-scoring slices, heatmap overlaid, lesion contour when known."""
@@ -132,7 +143,14 @@ class AnomalyScoreWriter:
         if not self.case_rows:
             raise RuntimeError(f"nothing was scored: {len(self.error_rows)} case(s) failed, listed with their errors "
                                f"in {self.output_dir / formats.ERRORS}")
-        formats.write_table(self.output_dir / formats.SLICE_SCORES, formats.SLICE_COLUMNS, self.slice_rows)
+        pictures = self.slice_rows and len(self.slice_rows[0]) == len(formats.PICTURE_SLICE_COLUMNS)
+        if pictures and self.pictures_with_masks:
+            formats.write_table(self.output_dir / formats.WARNINGS, formats.WARNING_COLUMNS, self.warning_rows)
+            if self.warning_rows:
+                logger.warning("%d picture(s) without a usable lesion mask, listed in %s", len(self.warning_rows),
+                               self.output_dir / formats.WARNINGS)
+        columns = formats.PICTURE_SLICE_COLUMNS if pictures else formats.SLICE_COLUMNS
+        formats.write_table(self.output_dir / formats.SLICE_SCORES, columns, self.slice_rows)
         formats.write_table(self.output_dir / formats.SCORES, formats.SCORE_COLUMNS, self.case_rows)
         failed = f", {len(self.error_rows)} FAILED (see {self.output_dir / formats.ERRORS})" if self.error_rows else ""
         logger.info("scored %d cases (%d slices%s): scores in %s, heatmaps in %s, overlays in %s",

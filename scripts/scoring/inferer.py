@@ -22,6 +22,7 @@ from scripts.scoring.maps import critic_map, feature_distance_map, pixel_errors,
 from scripts.scoring.patches import aggregate_slices, checkerboard_masks, grid_to_image, patch_grid, ranking_score
 
 TEST_INPUTS = ("inpaint", "image")
+SLICE_STANDARDISATIONS = ("none", "volume")
 SCORE_MAPS = ("squared", "ssim", "critic", "feature")
 CRITIC_MAPS = ("critic", "feature")  # the maps that need the trained critic
 
@@ -71,6 +72,11 @@ class PatchRankingInferer(Inferer):
         normal_stats: per-pixel mean and std of each map on normal validation slices (a dict, or the path of the
             ``.pt`` file written by ``scripts.scoring.calibration``); when given, every map becomes a z-map: how unusual the
             error is for that place on normal data.
+        slice_standardisation: ``"none"``, or ``"volume"``: each slice score of a volume becomes a robust z-score
+            against the volume's own scored slices (median, 1.4826 x MAD), so that what a patient's scanner,
+            head size or shading adds to every slice cancels out and one threshold holds across patients. The
+            volume score is aggregated from the raw slice scores (a z-score against itself says nothing about
+            the whole volume).
     """
 
     def __init__(
@@ -90,8 +96,11 @@ class PatchRankingInferer(Inferer):
         score_maps: Sequence[str] = ("squared",),
         critic: torch.nn.Module | None = None,
         normal_stats: str | dict | None = None,
+        slice_standardisation: str = "none",
     ) -> None:
         super().__init__()
+        if slice_standardisation not in SLICE_STANDARDISATIONS:
+            raise ValueError(f"unknown slice_standardisation {slice_standardisation!r}: use one of {SLICE_STANDARDISATIONS}")
         unknown = set(score_maps) - set(SCORE_MAPS)
         if unknown or not score_maps:
             raise ValueError(f"unknown score_maps {sorted(unknown)}: choose from {SCORE_MAPS}")
@@ -115,6 +124,7 @@ class PatchRankingInferer(Inferer):
         self.slice_batch_size, self.amp = slice_batch_size, amp
         self.score_maps, self.critic = tuple(score_maps), critic
         self.normal_stats = load_normal_stats(normal_stats) if isinstance(normal_stats, str) else normal_stats
+        self.slice_standardisation = slice_standardisation
 
     def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The anomaly heatmap of ``inputs``, same layout and spatial size (what MONAI Label shows as ``pred``)."""
@@ -135,12 +145,13 @@ class PatchRankingInferer(Inferer):
         grid = patch_grid(self.anomaly_map(resized, recon), self.patch_size)
         tissue = patch_grid(self._region(resized).float(), self.patch_size) > 0  # patches that touch the foreground
         scores = torch.full((len(slices),), float("nan"), device=slices.device)
-        scores[valid] = ranking_score(grid, self.weights, tissue).to(scores.dtype)
+        raw = ranking_score(grid, self.weights, tissue).to(scores.dtype)
+        scores[valid] = within_volume_z(raw) if is_volume and self.slice_standardisation == "volume" else raw
         heat = torch.zeros((len(slices), 1, *slices.shape[-2:]), device=slices.device)
         heat[valid] = grid_to_image(grid, slices.shape[-2:])
         heat = heat * region
         heatmap = stack_to_volume(heat).unsqueeze(0) if is_volume else heat
-        case = aggregate_slices(scores[valid], self.volume_aggregation, self.top_k_slices).view(1) if is_volume else scores
+        case = aggregate_slices(raw, self.volume_aggregation, self.top_k_slices).view(1) if is_volume else scores
         return AnomalyScores(heatmap, region, scores, valid, grid, recon, resized, case)
 
     def raw_maps(
@@ -209,6 +220,16 @@ class PatchRankingInferer(Inferer):
 
     def _region(self, slices: torch.Tensor) -> torch.Tensor:
         return foreground(slices, self.foreground)
+
+
+def within_volume_z(scores: torch.Tensor) -> torch.Tensor:
+    """Robust z-scores of a volume's slice scores: ``(s - median) / (1.4826 * MAD)``, the MAD floored at 1e-6 of
+    the median's size so that a volume of identical slices gives zeros, not infinities."""
+    if scores.numel() == 0:
+        return scores
+    median = scores.median()
+    mad = (scores - median).abs().median() * 1.4826
+    return (scores - median) / mad.clamp_min(1e-6 * float(median.abs()) + 1e-12)
 
 
 def load_normal_stats(path: str) -> dict[str, dict[str, torch.Tensor]]:
