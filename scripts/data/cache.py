@@ -97,7 +97,7 @@ def build_slice_records(
     """
     steps = case_preprocessing() if preprocessing is None else list(preprocessing)
     params = {"image_size": image_size, "min_brain_fraction": min_brain_fraction,
-              "min_lesion_voxels": min_lesion_voxels, "preprocessing": describe(steps), "version": 2}
+              "min_lesion_voxels": min_lesion_voxels, "preprocessing": describe(steps), "version": 3}
     cache = Path(cache_dir) if cache_dir else None
     if cache is not None:
         cache.mkdir(parents=True, exist_ok=True)
