@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import sys
 import time
 import traceback
@@ -13,15 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from tqdm import tqdm
 
 from experiments.compare.folds import Fold
 from scripts.data.datalist import load_datalist
 from scripts.evaluation.evaluate import evaluate
-from scripts.evaluation.metrics import detection_metrics
 from scripts.evaluation.patch_protocol import PatchProtocol
-from scripts.outputs.formats import read_scores
 
 logger = logging.getLogger("experiments.compare")
 
@@ -257,7 +253,7 @@ def evaluate_fold(fold: Fold, done: Mapping[str, Path], fpr: float, patches: Pat
                        validation_output_dir={m: d / "validation" for m, d in done.items()},
                        datalist=load_datalist(fold.datalist, "testing"), fpr=fpr)
     if patches is None:
-        return _with_validation_auc(results, done)
+        return results
     tested, validated = load_datalist(fold.datalist, "testing"), load_datalist(fold.datalist, "validation")
     patch_dirs = {}
     for method, folder in done.items():
@@ -269,28 +265,9 @@ def evaluate_fold(fold: Fold, done: Mapping[str, Path], fpr: float, patches: Pat
             logger.info("%s: %s wrote no heatmaps, so it has no patch-level score", fold.name, method)
     if not patch_dirs:
         raise RuntimeError("no method wrote heatmaps for the patch level (do the cases have lesion masks?)")
-    results = evaluate(next(iter(patch_dirs.values())), eval_dir=fold.folder / "evaluation_patch", methods=patch_dirs,
-                       validation_output_dir={m: d / "validation" for m, d in patch_dirs.items()
-                                              if (d / "validation" / "slice_scores.csv").is_file()}, fpr=fpr)
-    return _with_validation_auc(results, patch_dirs)
-
-
-def _with_validation_auc(results: dict[str, Any], done: Mapping[str, Path]) -> dict[str, Any]:
-    """Each method's (and trivial reference's) AUROC on the fold's validation cases, ``validation_auc``: what a
-    setting may be chosen on, since it never looks at the test labels. NaN when the validation set has one class."""
-    first = next(iter(done))
-    for name, result in results.items():
-        folder, column = (done[first], name) if name not in done else (done[name], "score")
-        try:
-            slices = read_scores(folder / "validation")[1]
-        except FileNotFoundError:
-            continue
-        if column in slices and "label" in slices:
-            keep = (slices["label"] >= 0) & np.isfinite(slices[column])
-            labels = slices["label"][keep]
-            both = np.any(labels == 0) and np.any(labels == 1)
-            result["validation_auc"] = detection_metrics(labels, slices[column][keep])["auc"] if both else math.nan
-    return results
+    return evaluate(next(iter(patch_dirs.values())), eval_dir=fold.folder / "evaluation_patch", methods=patch_dirs,
+                    validation_output_dir={m: d / "validation" for m, d in patch_dirs.items()
+                                           if (d / "validation" / "slice_scores.csv").is_file()}, fpr=fpr)
 
 
 class _Timed:

@@ -12,9 +12,7 @@ for inference alike.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io as stdio
-import json
 import logging
 import os
 from collections.abc import Callable, Hashable, Mapping, Sequence
@@ -34,7 +32,6 @@ logger = logging.getLogger(__name__)
 
 BRAIN_MASK_METHODS = ("none", "file", "hdbet")
 MASK_KEY = "brainmask"  # the item's mask file, then (after LoadCased) the mask on the RAS grid
-HDBET_MODEL_SPACING_NOTE = "HD-BET resamples to 1.5 mm: a wrong voxel spacing gives it a squashed head"
 
 
 def voxel_spacing(
@@ -87,11 +84,12 @@ def hdbet_mask(volume: np.ndarray, spacing: Sequence[float], device: str | torch
         try:
             _, mask = run_hd_bet_function(array, tuple(spacing[::-1]), mode="fast", device=target, do_tta=False,
                                           postprocess=True)
-        except ValueError as error:  # its largest-component step fails on an empty prediction
-            raise ValueError(f"HD-BET found no brain ({HDBET_MODEL_SPACING_NOTE}; spacing used {spacing})") from error
+        except ValueError:  # its largest-component step fails on an empty prediction
+            mask = np.zeros(array.shape, dtype=bool)
     mask = np.transpose(np.asarray(mask) > 0, (2, 1, 0))
     if not mask.any():
-        raise ValueError(f"HD-BET found no brain ({HDBET_MODEL_SPACING_NOTE}; spacing used {spacing})")
+        raise ValueError(f"HD-BET found no brain (it resamples to 1.5 mm: a wrong voxel spacing gives it a squashed "
+                         f"head; spacing used {spacing})")
     return mask
 
 
@@ -175,11 +173,8 @@ class BrainExtractiond(MapTransform):
     def _cache_file(self, case_id: str, path: str, spacing: Sequence[float]) -> Path | None:
         if self.cache_dir is None:
             return None
-        st = os.stat(path) if os.path.exists(path) else None
-        stamp = [path, st.st_size if st else -1, st.st_mtime_ns if st else -1, [round(s, 6) for s in spacing], "hdbet-v1-fast"]
-        digest = hashlib.sha1(json.dumps(stamp).encode()).hexdigest()[:16]
         self.cache_dir.mkdir(parents=True, exist_ok=True)
-        return self.cache_dir / f"{case_id}_{digest}.npz"
+        return io.cache_file(self.cache_dir, case_id, [path], [[round(s, 6) for s in spacing], "hdbet-v1-fast"])
 
 
 class BiasFieldCorrectiond(MapTransform):
@@ -253,7 +248,6 @@ def case_preprocessing(
 def describe(steps: Sequence[Callable]) -> list[Any]:
     """The steps' names and settings, for cache keys: a change in any of them makes new cache files."""
     return [[type(step).__name__, getattr(step, "settings", {})] for step in steps]
-
 
 
 class _MaskJob:

@@ -8,8 +8,6 @@ run starts at once. A case that cannot be read is reported with its file and ski
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -23,8 +21,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from scripts.data.brain import case_preprocessing, describe
-from scripts.data.datalist import case_items
-from scripts.data.io import InputError, write_atomic
+from scripts.data.datalist import PATH_KEYS, case_items
+from scripts.data.io import InputError, cache_file, write_atomic
 from scripts.data.transforms import LoadCased, VolumeToSlicesd
 
 logger = logging.getLogger(__name__)
@@ -70,14 +68,8 @@ class _CaseDataset(Dataset):
     def _cache_file(self, item: dict) -> Path | None:
         if self.cache_dir is None:
             return None
-        stamp = [self.params]
-        for key in ("image", "seg"):
-            if item.get(key):
-                st = os.stat(item[key]) if os.path.exists(item[key]) else None
-                stamp.append([str(item[key]), st.st_size if st else -1, st.st_mtime_ns if st else -1])
-        stamp.append([item.get("label"), item.get("channel")])
-        digest = hashlib.sha1(json.dumps(stamp, sort_keys=True, default=str).encode()).hexdigest()[:16]
-        return self.cache_dir / f"{item['case_id']}_{digest}.npz"
+        files = [item[key] for key in PATH_KEYS if item.get(key)]
+        return cache_file(self.cache_dir, item["case_id"], files, [self.params, [item.get("label"), item.get("channel")]])
 
 
 def build_slice_records(

@@ -9,6 +9,7 @@ rest of the bundle handles one kind of object; 2D images come back channel-first
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 import tempfile
@@ -130,6 +131,17 @@ def save_png_atomic(array_uint8: np.ndarray, path: str | os.PathLike) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- atomic writes
+
+
+def cache_file(folder: str | os.PathLike, case_id: str, files: Sequence[str | os.PathLike], params: Any) -> Path:
+    """``<folder>/<case_id>_<digest>.npz``: the digest covers each file's path, size and modification time (-1 for
+    a missing one) and ``params``, so an edited input or a changed setting makes a new entry, never a stale hit."""
+    stamp: list[Any] = [params]
+    for file in files:
+        st = os.stat(file) if os.path.exists(file) else None
+        stamp.append([str(file), st.st_size if st else -1, st.st_mtime_ns if st else -1])
+    digest = hashlib.sha1(json.dumps(stamp, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return Path(folder) / f"{case_id}_{digest}.npz"
 
 
 def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> None:

@@ -188,8 +188,12 @@ def _method_result(
 ) -> dict[str, Any]:
     """Detection metrics of one method on the test rows and its operating point at the threshold set from the
     normal rows of its ``validation`` series (read from ``source``); NaN operating point without them.
+    ``validation_auc`` is its AUROC on the validation rows (NaN unless they hold both classes): the figure a setting
+    may be chosen on, since it never looks at the test labels.
     """
     result: dict[str, Any] = {"level": level, **detection_metrics(labels, scores), "fpr_target": fpr}
+    both = validation is not None and np.any(validation[0] == 0) and np.any(validation[0] == 1)
+    result["validation_auc"] = detection_metrics(*validation)["auc"] if both else math.nan  # what to choose on
     normal = validation[1][validation[0] == 0] if validation is not None else np.empty(0)
     if normal.size:
         result.update(operating_point(labels, scores, threshold_from_normal(normal, fpr)), threshold_source=str(source))

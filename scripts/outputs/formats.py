@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image, PngImagePlugin
 
 from scripts.data import io
+from scripts.scoring.references import LESION_REFERENCES
 
 Columns = dict[str, np.ndarray]
 
@@ -38,9 +39,7 @@ OVERLAYS = "overlays"
 SCORE_COLUMNS = ["case_id", "score", "label"]
 CORE_SLICE_COLUMNS = ["case_id", "slice_index", "score", "trivial_intensity", "trivial_position", "trivial_darkness"]
 SLICE_COLUMNS = [*CORE_SLICE_COLUMNS, "label"]
-# pictures with lesion masks add the mask-derived references (scripts.scoring.references.LESION_REFERENCES)
-PICTURE_SLICE_COLUMNS = [*CORE_SLICE_COLUMNS, "trivial_area", "trivial_asymmetry", "trivial_border",
-                         "trivial_variegation", "label"]
+PICTURE_SLICE_COLUMNS = [*CORE_SLICE_COLUMNS, *LESION_REFERENCES, "label"]  # pictures add the mask-derived references
 ERROR_COLUMNS = ["case_id", "error"]
 WARNING_COLUMNS = ["case_id", "warning"]
 PNG_SCALE = 10000.0  # 2D heatmaps are 16-bit PNGs holding round(error * PNG_SCALE)

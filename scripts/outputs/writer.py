@@ -61,7 +61,7 @@ class AnomalyScoreWriter:
 
     def _reset(self, engine: Engine) -> None:
         self.case_rows, self.slice_rows, self.error_rows, self.warning_rows = [], [], [], []
-        self.pictures_with_masks = False
+        self.slice_columns, self.pictures_with_masks = formats.SLICE_COLUMNS, False
         make_folder(self.output_dir)
         removed = formats.clear_results(self.output_dir)
         if removed:
@@ -98,6 +98,7 @@ class AnomalyScoreWriter:
             self._overlay_volume(case_id, slices, scores, seg)
 
     def _collect_images(self, out: dict[str, Any], scores: AnomalyScores) -> None:
+        self.slice_columns = formats.PICTURE_SLICE_COLUMNS
         images = out["image"].cpu()
         trivial = trivial_scores(images, torch.ones_like(images[:, :1], dtype=torch.bool), scores.slice_valid.cpu())
         labels, seg = out.get("label"), out.get("seg")
@@ -143,14 +144,12 @@ class AnomalyScoreWriter:
         if not self.case_rows:
             raise RuntimeError(f"nothing was scored: {len(self.error_rows)} case(s) failed, listed with their errors "
                                f"in {self.output_dir / formats.ERRORS}")
-        pictures = self.slice_rows and len(self.slice_rows[0]) == len(formats.PICTURE_SLICE_COLUMNS)
-        if pictures and self.pictures_with_masks:
+        if self.pictures_with_masks:
             formats.write_table(self.output_dir / formats.WARNINGS, formats.WARNING_COLUMNS, self.warning_rows)
             if self.warning_rows:
                 logger.warning("%d picture(s) without a usable lesion mask, listed in %s", len(self.warning_rows),
                                self.output_dir / formats.WARNINGS)
-        columns = formats.PICTURE_SLICE_COLUMNS if pictures else formats.SLICE_COLUMNS
-        formats.write_table(self.output_dir / formats.SLICE_SCORES, columns, self.slice_rows)
+        formats.write_table(self.output_dir / formats.SLICE_SCORES, self.slice_columns, self.slice_rows)
         formats.write_table(self.output_dir / formats.SCORES, formats.SCORE_COLUMNS, self.case_rows)
         failed = f", {len(self.error_rows)} FAILED (see {self.output_dir / formats.ERRORS})" if self.error_rows else ""
         logger.info("scored %d cases (%d slices%s): scores in %s, heatmaps in %s, overlays in %s",

@@ -34,7 +34,7 @@ def trivial_scores(slices: torch.Tensor, region: torch.Tensor, valid: torch.Tens
     return {"trivial_intensity": intensity, "trivial_position": position, "trivial_darkness": darkness.numpy()}
 
 
-LESION_REFERENCES = ("trivial_area", "trivial_asymmetry", "trivial_border", "trivial_variegation")  # formats' order
+LESION_REFERENCES = ("trivial_area", "trivial_asymmetry", "trivial_border", "trivial_variegation")
 
 
 def lesion_references(image: np.ndarray, lesion: np.ndarray) -> dict[str, float]:
