@@ -186,6 +186,15 @@ def test_unknown_method_and_missing_package_are_refused_in_words(monkeypatch):
         BrainExtractiond("hdbet")
 
 
+def test_hdbet_runs_with_denormals_flushed_and_leaves_the_default_behind():
+    import torch
+
+    tiny = torch.tensor([1e-39])  # a denormal float32: on Intel CPUs every operation on it is slow microcode
+    with brain.flushed_denormals():
+        assert (tiny * 1.0).item() == 0.0
+    assert (tiny * 1.0).item() > 0.0
+
+
 @pytest.mark.parametrize("base", ["train.json", "inference.json"])
 def test_the_clinical_overlay_turns_on_extraction_in_training_and_inference(base):
     if not HAS_HDBET:
