@@ -206,7 +206,8 @@ def test_the_clinical_overlay_turns_on_extraction_in_training_and_inference(base
     assert steps[0].method == "hdbet"
     if base == "inference.json":
         assert [type(t).__name__ for t in parser.get_parsed_content("preprocessing").transforms][1] == "BrainExtractiond"
-        assert parser.get_parsed_content("inferer").slice_standardisation == "volume"
+        inferer = parser.get_parsed_content("inferer")
+        assert inferer.slice_standardisation == "volume" and inferer.score_maps == ("hyperintense",)
     else:
         slicer = parser.get_parsed_content("slices")
         assert [type(s).__name__ for s in slicer.keywords["preprocessing"]] == chosen

@@ -60,7 +60,7 @@ def test_training_writes_best_and_final_checkpoints(trained):
     assert final["trainer"]["iteration"] == 2 * final["trainer"]["epoch_length"]
     assert (root / "train" / "slice_cache").is_dir() and any((root / "train" / "slice_cache").iterdir())
     stats = torch.load(models / "normal_stats.pt", map_location="cpu")
-    assert set(stats) == {"squared", "ssim", "critic", "feature"} and stats["squared"]["mean"].shape == (1, 1, 32, 32)
+    assert set(stats) == {"squared", "hyperintense", "hypointense", "ssim", "critic", "feature"} and stats["squared"]["mean"].shape == (1, 1, 32, 32)
 
 
 def test_a_fixed_seed_gives_a_reproducible_run(trained, tmp_path):

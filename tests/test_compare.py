@@ -21,7 +21,7 @@ from scripts.evaluation.patch_protocol import PatchProtocol
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED = ("patchgan_ranking", "patchgan_no_ranking", "ae", "ocsvm", "alocc", "ocsvm_guided",
-            "trivial_intensity", "trivial_position")
+            "trivial_intensity", "trivial_intensity_volume_z", "trivial_position")
 TINY = ["--image-size", "32", "--max-epochs", "1", "--batch-size", "8", "--channels", "8,16,32", "--threads", "1",
         "--override", "network_def#num_res_units=1", "--override", "min_lesion_voxels=5"]
 
@@ -61,9 +61,10 @@ def test_compare_trains_every_method_and_writes_the_comparison(tmp_path):
         assert {"auc", "ap", "auc_std", "ap_std", "sensitivity", "specificity", "n_folds", "folds"} <= set(data[method])
         assert data[method]["n_folds"] >= 1 and 0.0 <= data[method]["auc"] <= 1.0
         assert "validation_auc" in data[method]["folds"]["fold_0"] and "level_r2" in data[method]
+        assert "level_adjusted_auc" in data[method]["folds"]["fold_0"]
     table = (out / "comparison.md").read_text()
     assert "| Method | AUC | AP |" in table and "±" in table and "Failures" not in table
-    assert "Operating point on held-out patients" in table and "Validation AUC" in table
+    assert "Operating point on held-out patients" in table and "Validation AUC" in table and "AUC beyond level" in table
     assert all(f"`{method}`" in table for method in REQUIRED)
     for name in ("roc.png", "score_distribution.png"):
         assert (out / name).stat().st_size > 10_000

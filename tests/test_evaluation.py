@@ -21,6 +21,7 @@ from scripts.evaluation.metrics import (
     threshold_from_normal,
 )
 from scripts.outputs.formats import read_scores
+from scripts.scoring.references import volume_standardised_intensity
 
 SLICE_HEADER = ["case_id", "slice_index", "score", "trivial_intensity", "trivial_position", "label"]
 
@@ -168,7 +169,11 @@ def test_evaluate_writes_metrics_and_plots(tmp_path):
     assert not list((tmp_path / "eval").glob(".*"))  # no temporary files left behind
     assert_png(tmp_path / "eval" / "roc.png")
     assert_png(tmp_path / "eval" / "score_distribution.png")
-    assert set(results) == {"model", "trivial_intensity", "trivial_position"}
+    assert set(results) == {"model", "trivial_intensity", "trivial_intensity_volume_z", "trivial_position"}
+    _, test = read_scores(tmp_path / "test")
+    z = volume_standardised_intensity(test["trivial_intensity"], test["case_id"])  # the like-for-like floor
+    keep = (test["label"] >= 0) & np.isfinite(z)
+    assert results["trivial_intensity_volume_z"]["auc"] == pytest.approx(roc_auc_score(test["label"][keep], z[keep]))
     model = results["model"]
     assert model["auc"] == pytest.approx(roc_auc_score(labels, scores))
     assert (model["n_normal"], model["n_abnormal"]) == (30, 20)
@@ -297,6 +302,27 @@ def test_level_dependence_is_the_r2_of_a_quadratic_in_the_level():
     noise = np.random.default_rng(0).normal(size=400)
     assert abs(level_dependence(np.linspace(0, 1, 400), noise)) < 0.05
     assert np.isnan(level_dependence(np.full(8, 0.5), np.arange(8.0)))  # pictures: one level
+
+
+def test_the_auc_beyond_level_keeps_what_a_score_adds_at_a_given_level():
+    from scripts.evaluation.metrics import level_adjusted_auc
+
+    rng = np.random.default_rng(1)
+    levels = rng.random(2000)
+    middle = 1 - np.abs(2 * levels - 1)  # tumours sit in the middle slices, the end slices are normal
+    labels = (rng.random(2000) < middle).astype(int)
+    val_levels = rng.random(500)  # the level curve comes from other patients' normal slices
+    position = lambda lv: 1 - (2 * lv - 1) ** 2  # noqa: E731  (a smooth function of the level)
+    assert detection_metrics(labels, middle)["auc"] > 0.75
+    # a score that is the level alone detects "tumours", and nothing beyond the level
+    level_only, val_level_only = position(levels) + rng.normal(0, 0.2, 2000), position(val_levels) + rng.normal(0, 0.2, 500)
+    assert detection_metrics(labels, level_only)["auc"] > 0.7
+    assert level_adjusted_auc(levels, level_only, labels, val_levels, val_level_only) == pytest.approx(0.5, abs=0.04)
+    # a score that grows with the level *and* sees the lesion keeps what it sees
+    seeing = position(levels) + 0.5 * labels + rng.normal(0, 0.2, 2000)
+    normal_val = position(val_levels) + rng.normal(0, 0.2, 500)
+    assert level_adjusted_auc(levels, seeing, labels, val_levels, normal_val) > 0.9
+    assert np.isnan(level_adjusted_auc(levels, seeing, labels, np.full(5, 0.5), np.arange(5.0)))  # no level curve
 
 
 def test_the_threshold_never_sees_the_test_labels_and_its_transfer_is_reported_per_patient(tmp_path):

@@ -87,8 +87,8 @@ def test_required_packages_agree_with_requirements_txt():
 
 def test_versions_and_identity_fields():
     meta = metadata()
-    assert meta["name"] == "patchgan_ranking_anomaly" and meta["version"] == "0.2.0"
-    assert meta["version"] in meta["changelog"]
+    assert meta["name"] == "patchgan_ranking_anomaly" and re.fullmatch(r"\d+\.\d+\.\d+", meta["version"])
+    assert max(meta["changelog"], key=Version) == meta["version"]  # the version is the newest changelog entry
     assert (meta["monai_version"], meta["pytorch_version"]) == ("1.6.1", "2.13.0")
     assert re.fullmatch(r"\d+\.\d+\.\d+", meta["numpy_version"])
     assert meta["data_type"] == "nibabel" and meta["supported_apps"] == {}

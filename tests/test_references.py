@@ -14,7 +14,7 @@ from PIL import Image
 
 from scripts.data.datalist import build_datalist
 from scripts.data.io import write_json
-from scripts.scoring.references import LESION_REFERENCES, lesion_references
+from scripts.scoring.references import LESION_REFERENCES, lesion_references, volume_standardised_intensity
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,6 +61,16 @@ def test_variegation_is_the_mean_channel_spread_inside_the_lesion_only():
     image[0][disc] = np.where(np.arange(disc.sum()) % 2 == 0, 0.2, 0.6)  # two colours in channel 0: std 0.2
     image[:, ~disc] = np.random.default_rng(0).uniform(size=(3, int((~disc).sum())))  # skin does not count
     assert lesion_references(image, disc)["trivial_variegation"] == pytest.approx(0.2 / 3)
+
+
+def test_the_volume_z_intensity_reference_standardises_each_case_on_its_own_slices():
+    intensity = np.array([1.0, 2.0, 3.0, np.nan, 10.0, 20.0, 30.0, 5.0])
+    cases = np.array(["a", "a", "a", "a", "b", "b", "b", "c"])
+    z = volume_standardised_intensity(intensity, cases)
+    # a: median 2, MAD 1 -> (x - 2) / 1.4826; b: ten times the spread, the same z; NaN stays out; c alone scores 0
+    np.testing.assert_allclose(z[:3], np.array([-1.0, 0.0, 1.0]) / 1.4826)
+    np.testing.assert_allclose(z[4:7], z[:3])
+    assert np.isnan(z[3]) and z[7] == 0.0
 
 
 def test_no_lesion_gives_no_reference():

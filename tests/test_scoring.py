@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from scripts.scoring.maps import pixel_errors
+from scripts.scoring.maps import one_sided_errors, pixel_errors
 from scripts.scoring.patches import aggregate_slices, checkerboard_masks, grid_to_image, patch_grid, ranking_score
 
 
@@ -55,6 +55,22 @@ def test_pixel_errors_average_channels_and_respect_the_region():
     region = torch.tensor([[[[1, 0], [1, 1]]]])
     err = pixel_errors(image, recon, region)
     torch.testing.assert_close(err[0, 0], torch.tensor([[2 / 3, 0.0], [2 / 3, 2 / 3]]))
+
+
+def test_one_sided_errors_count_only_the_lesion_sign():
+    image = torch.tensor([[[[3.0, 1.0], [2.0, 2.0]]], [[[0.0, 0.0], [0.0, 0.0]]]])  # (2, 1, 2, 2)
+    recon = torch.tensor([[[[1.0, 4.0], [2.0, 0.5]]], [[[1.0, 1.0], [1.0, 1.0]]]])
+    region = torch.tensor([[[[1.0, 1.0], [1.0, 0.0]]], [[[1.0, 1.0], [1.0, 1.0]]]])
+    bright = one_sided_errors(image, recon, region)
+    # brighter by 2 -> 4; darker by 3 -> 0 (squared error would give 9); equal -> 0; brighter but outside -> 0
+    assert bright[0, 0].tolist() == [[4.0, 0.0], [0.0, 0.0]]
+    assert torch.all(bright[1] == 0)  # an input darker everywhere has no hyperintense error
+    dark = one_sided_errors(image, recon, region, brighter=False)
+    assert dark[0, 0].tolist() == [[0.0, 9.0], [0.0, 0.0]] and torch.all(dark[1] == 1.0)
+    two_channels = one_sided_errors(torch.tensor([[[[2.0]], [[0.0]]]]), torch.tensor([[[[0.0]], [[1.0]]]]))
+    assert two_channels.item() == 2.0  # (2**2 + 0) / 2 channels
+    assert torch.equal(one_sided_errors(image, recon) + one_sided_errors(image, recon, brighter=False),
+                       pixel_errors(image, recon))
 
 
 def test_heatmap_repeats_each_patch_error_over_its_square():

@@ -11,9 +11,9 @@ from typing import Any
 import numpy as np
 
 from experiments.compare.runs import DISPLAY, METRICS, TABLE_ORDER, TRIVIAL, Settings
+from scripts.evaluation.evaluate import read_tables
 from scripts.evaluation.patch_protocol import PatchProtocol
 from scripts.evaluation.report import json_safe
-from scripts.outputs.formats import read_scores
 from scripts.scoring.references import LESION_REFERENCES
 
 
@@ -45,7 +45,8 @@ def aggregate(per_fold: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> dict[s
                     mean, std, n = _mean_std([f.get(key, math.nan) for f in found])
                     entry[level].update({key: mean, f"{key}_std": std, "n_folds": n})
         entry["folds"] = {fold: {k: r.get(k) for k in ("auc", "ap", "sensitivity", "specificity", "specificity_ci95",
-                                                        "level_r2", "validation_auc", "threshold", "n_normal", "n_abnormal")}
+                                                        "level_r2", "level_adjusted_auc", "validation_auc", "threshold",
+                                                        "n_normal", "n_abnormal")}
                           for fold, r in rows.items()}
         out[method] = entry
     return out
@@ -91,8 +92,9 @@ def comparison_markdown(summary: Mapping[str, Mapping[str, Any]], described: Map
         "",
         f"## {table}",
         "",
-        "| Method | AUC | AP | Sensitivity @thr | Specificity @thr | Level R² (normal) | Validation AUC |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| Method | AUC | AP | Sensitivity @thr | Specificity @thr | Level R² (normal) | AUC beyond level | "
+        "Validation AUC |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name in _ordered(list(summary)):
         r = summary[name]
@@ -147,7 +149,7 @@ def _settings_dict(settings: Settings) -> dict[str, Any]:
 
 def _series(folder: Path, column: str) -> tuple[np.ndarray, np.ndarray] | None:
     try:
-        slices = read_scores(folder)[1]
+        slices = read_tables(folder)[1]
     except FileNotFoundError:
         return None
     if column not in slices or "label" not in slices:

@@ -40,6 +40,12 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "patchgan_feature": ("patchgan", {"score_maps": ["feature"]}),
     "patchgan_volume_z": ("patchgan", {"slice_standardisation": "volume"}),
     "patchgan_no_ranking_volume_z": ("patchgan", {"ranking": False, "slice_standardisation": "volume"}),
+    "patchgan_hyperintense": ("patchgan", {"score_maps": ["hyperintense"]}),
+    "patchgan_hyperintense_volume_z": ("patchgan", {"score_maps": ["hyperintense"], "slice_standardisation": "volume"}),
+    "patchgan_no_ranking_hyperintense_volume_z": (
+        "patchgan", {"ranking": False, "score_maps": ["hyperintense"], "slice_standardisation": "volume"},
+    ),
+    "patchgan_hypointense": ("patchgan", {"score_maps": ["hypointense"]}),
 }
 RUNNABLE = {**METHODS, **VARIANTS}
 # model -> override config files merged onto train.json and inference.json
@@ -50,7 +56,7 @@ MODEL_CONFIGS: dict[str, list[str]] = {
     "alocc": ["alocc.json"],
     "ocsvm_guided": ["ocsvm_guided.json"],
 }
-TRIVIAL = ("trivial_intensity", "trivial_position")
+TRIVIAL = ("trivial_intensity", "trivial_intensity_volume_z", "trivial_position")
 TABLE_ORDER = ("ae", "ocsvm", "alocc", "ocsvm_guided", "patchgan_no_ranking", "patchgan_ranking", *VARIANTS)
 DISPLAY = {
     "ae": "AE (convolutional autoencoder, MSE)",
@@ -64,7 +70,12 @@ DISPLAY = {
     "patchgan_feature": "Patch-GAN, ranking, critic-feature map",
     "patchgan_volume_z": "Patch-GAN, ranking, slice scores z-scored within the volume",
     "patchgan_no_ranking_volume_z": "Patch-GAN, no ranking, slice scores z-scored within the volume",
+    "patchgan_hyperintense": "Patch-GAN, ranking, hyperintense error map",
+    "patchgan_hyperintense_volume_z": "Patch-GAN, ranking, hyperintense error map, volume z",
+    "patchgan_no_ranking_hyperintense_volume_z": "Patch-GAN, no ranking, hyperintense error map, volume z",
+    "patchgan_hypointense": "Patch-GAN, ranking, hypointense error map",
     "trivial_intensity": "trivial: brightest foreground intensity",
+    "trivial_intensity_volume_z": "trivial: brightest foreground intensity, volume z",
     "trivial_position": "trivial: axial position",
     "trivial_darkness": "trivial: darkness",
     "trivial_texture": "trivial: texture (intensity std, patch level)",
@@ -73,7 +84,7 @@ DISPLAY = {
     "trivial_border": "trivial: border irregularity (mask)",
     "trivial_variegation": "trivial: colour variegation in the lesion (mask)",
 }
-METRICS = ("auc", "ap", "sensitivity", "specificity", "level_r2", "validation_auc")
+METRICS = ("auc", "ap", "sensitivity", "specificity", "level_r2", "level_adjusted_auc", "validation_auc")
 FULL_SIZE = 256  # the paper's image size (configs/train.json)
 
 

@@ -9,8 +9,9 @@ Choices that matter for honest numbers:
 * The operating threshold comes from NORMAL VALIDATION scores only: an unsupervised detector has no abnormal
   examples to tune on, and tuning on the test set would inflate sensitivity and specificity.
 * The trivial reference scores in ``slice_scores.csv`` (``trivial_*`` columns: brightest foreground intensity,
-  axial position, darkness) are evaluated as methods of their own, so that a model's AUROC can be read against
-  what needs no model at all.
+  axial position, darkness), and the brightest intensity z-scored within each volume (the floor of a score with
+  ``slice_standardisation: "volume"``), are evaluated as methods of their own, so that a model's AUROC can be read
+  against what needs no model at all.
 * The best Dice over thresholds picks the threshold on the test masks themselves; it is reported as
   ``dice_best_upper_bound`` because it is an optimistic bound, not an achievable operating point.
 * Pixel metrics pool the pixels of all cases inside the foreground region (the brain); above ``max_pixels`` a
@@ -41,6 +42,7 @@ from scripts.evaluation.metrics import (
     Series,
     clustered_rate_ci,
     detection_metrics,
+    level_adjusted_auc,
     level_dependence,
     operating_point,
     pixel_metrics,
@@ -52,6 +54,7 @@ from scripts.evaluation.plots import TRIVIAL_PREFIX, plot_roc, plot_score_distri
 from scripts.evaluation.report import json_safe, metrics_markdown
 from scripts.outputs import formats
 from scripts.outputs.formats import Columns, read_scores
+from scripts.scoring.references import VOLUME_Z_INTENSITY, volume_standardised_intensity
 
 logger = logging.getLogger(__name__)
 
@@ -96,20 +99,22 @@ def evaluate(
     methods = {name: Path(folder) for name, folder in (methods or {DEFAULT_METHOD: output_dir}).items()}
     first = next(iter(methods))
     validation = _validation_folders(validation_output_dir, list(methods))
-    tables = {name: read_scores(folder) for name, folder in methods.items()}
+    tables = {name: read_tables(folder) for name, folder in methods.items()}
     series = _method_series(tables, level, first)
     if not series:
         folders = ", ".join(str(folder) for folder in methods.values())
         raise ValueError(f"nothing to evaluate: no labelled rows (label 0/1) in {SCORE_FILES[level]} of {folders}")
-    validation_series = _method_series({name: read_scores(folder) for name, folder in validation.items()}, level, first)
+    validation_tables = {name: read_tables(folder) for name, folder in validation.items()}
+    validation_series = _method_series(validation_tables, level, first)
     results = {}
     for name, (labels, scores) in series.items():
         source = validation.get(first if name.startswith(TRIVIAL_PREFIX) else name)
         results[name] = _method_result(labels, scores, validation_series.get(name), source, fpr, level)
     if level == "slice":
         for name, result in results.items():
-            source = tables[first if name.startswith(TRIVIAL_PREFIX) else name][1]
-            _add_slice_diagnostics(result, source, "score" if name in tables else name)
+            owner = first if name.startswith(TRIVIAL_PREFIX) else name
+            _add_slice_diagnostics(result, tables[owner][1], "score" if name in tables else name,
+                                   validation_tables.get(owner, ({}, {}))[1])
     for name in (name for name in results if name in tables):
         _add_failures(results[name], methods[name])
         if level == "slice":
@@ -118,6 +123,17 @@ def evaluate(
             _add_pixel_level(results[name], methods[name], datalist, max_pixels)
     _write_outputs(Path(eval_dir or output_dir), results, series, level, fpr)
     return results
+
+
+def read_tables(output_dir: str | os.PathLike) -> tuple[Columns, Columns]:
+    """An inference folder's (case, slice) tables (``formats.read_scores``) with the references derived from its
+    slice columns added: the brightest intensity z-scored within each volume
+    (``references.volume_standardised_intensity``). Every reader of scores for evaluation goes through here."""
+    cases, slices = read_scores(output_dir)
+    if "trivial_intensity" in slices and "case_id" in slices:
+        slices = {**slices, VOLUME_Z_INTENSITY: volume_standardised_intensity(slices["trivial_intensity"],
+                                                                              slices["case_id"])}
+    return cases, slices
 
 
 def _add_failures(result: dict[str, Any], folder: Path) -> None:
@@ -204,23 +220,34 @@ def _method_result(
     return result
 
 
-def _add_slice_diagnostics(result: dict[str, Any], slices: Columns, column: str) -> None:
+def _add_slice_diagnostics(result: dict[str, Any], slices: Columns, column: str, validation: Columns) -> None:
     """What a slice score owes to the axial level, and how far its operating point transfers to new patients.
 
     ``level_r2``: ``metrics.level_dependence`` of the score on the normal test slices (levels from
-    ``rules.relative_levels`` over every scored slice of a case). ``specificity_ci95``: the patient-bootstrap
-    interval of the test specificity at the validation threshold (``metrics.clustered_rate_ci``), with
-    ``n_normal_cases`` patients contributing normal slices.
+    ``rules.relative_levels`` over every scored slice of a case). ``level_adjusted_auc``: the test AUROC of the
+    score minus the level curve of the normal ``validation`` slices (``metrics.level_adjusted_auc``).
+    ``specificity_ci95``: the patient-bootstrap interval of the test specificity at the validation threshold
+    (``metrics.clustered_rate_ci``), with ``n_normal_cases`` patients contributing normal slices.
     """
     scores, labels = slices[column], slices["label"]
-    scored = np.isfinite(scores)
-    levels = np.full(scores.shape, np.nan)
-    levels[scored] = relative_levels(slices["case_id"][scored], slices["slice_index"][scored])
-    normal = scored & (labels == 0)
+    levels = _levels(slices, scores)
+    normal = np.isfinite(scores) & (labels == 0)
     result["level_r2"] = level_dependence(levels[normal], scores[normal])
+    if column in validation and "label" in validation:
+        reference = validation["label"] == 0
+        result["level_adjusted_auc"] = level_adjusted_auc(
+            levels, scores, labels, _levels(validation, validation[column])[reference], validation[column][reference])
     if np.isfinite(result.get("threshold", math.nan)) and np.any(normal):
         low, high = clustered_rate_ci(scores[normal] <= result["threshold"], slices["case_id"][normal])
         result.update(specificity_ci95=[low, high], n_normal_cases=int(len(np.unique(slices["case_id"][normal]))))
+
+
+def _levels(slices: Columns, scores: np.ndarray) -> np.ndarray:
+    """Each scored slice's relative axial level in its case (``rules.relative_levels``), NaN where not scored."""
+    scored = np.isfinite(scores)
+    levels = np.full(scores.shape, np.nan)
+    levels[scored] = relative_levels(slices["case_id"][scored], slices["slice_index"][scored])
+    return levels
 
 
 def _add_case_level(result: dict[str, Any], cases: Columns) -> None:

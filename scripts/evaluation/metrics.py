@@ -96,10 +96,36 @@ def level_dependence(levels: Sequence[float] | np.ndarray, scores: Sequence[floa
     levels, scores = np.asarray(levels, dtype=np.float64), np.asarray(scores, dtype=np.float64)
     keep = np.isfinite(levels) & np.isfinite(scores)
     levels, scores = levels[keep], scores[keep]
-    if levels.size < 4 or np.ptp(scores) == 0 or np.ptp(levels) == 0:  # pictures and patches have no level
+    curve = level_curve(levels, scores)
+    if curve is None or np.ptp(scores) == 0:  # pictures and patches have no level
         return math.nan
-    fitted = np.polyval(np.polyfit(levels, scores, 2), levels)
+    fitted = np.polyval(curve, levels)
     return float(1 - np.sum((scores - fitted) ** 2) / np.sum((scores - scores.mean()) ** 2))
+
+
+def level_curve(levels: np.ndarray, scores: np.ndarray) -> np.ndarray | None:
+    """The quadratic in the relative level that ``level_dependence`` fits: its coefficients, or None with fewer
+    than 4 finite pairs or a single level."""
+    keep = np.isfinite(levels) & np.isfinite(scores)
+    if keep.sum() < 4 or np.ptp(levels[keep]) == 0:
+        return None
+    return np.polyfit(levels[keep], scores[keep], 2)
+
+
+def level_adjusted_auc(levels: np.ndarray, scores: np.ndarray, labels: np.ndarray, normal_levels: np.ndarray,
+                       normal_scores: np.ndarray) -> float:
+    """AUROC of what a slice score says beyond its axial level: the score minus the normal score expected at
+    that level, a quadratic in the relative level fitted on other (validation) patients' normal slices.
+
+    Tumours sit in the middle slices and the lowest and highest slices are normal, so a score that merely grows
+    towards the middle of the brain detects tumours; this AUROC keeps only what the score adds at a given level
+    (the position reference itself drops to about 0.5). NaN without a level curve or both classes.
+    """
+    curve = level_curve(np.asarray(normal_levels, dtype=np.float64), np.asarray(normal_scores, dtype=np.float64))
+    keep = np.isfinite(levels) & np.isfinite(scores) & (labels >= 0)
+    if curve is None or len(np.unique(labels[keep])) < 2:
+        return math.nan
+    return float(roc_auc_score(labels[keep], scores[keep] - np.polyval(curve, levels[keep])))
 
 
 def pixel_metrics(

@@ -18,12 +18,19 @@ from monai.inferers import Inferer
 from scripts.config import require_bool, uses_bf16
 from scripts.data.rules import FOREGROUND_MODES, axial_slices, foreground, select_slices, stack_to_volume
 from scripts.data.transforms import resize_slices
-from scripts.scoring.maps import critic_map, feature_distance_map, pixel_errors, ssim_error_map, standardise
+from scripts.scoring.maps import (
+    critic_map,
+    feature_distance_map,
+    one_sided_errors,
+    pixel_errors,
+    ssim_error_map,
+    standardise,
+)
 from scripts.scoring.patches import aggregate_slices, checkerboard_masks, grid_to_image, patch_grid, ranking_score
 
 TEST_INPUTS = ("inpaint", "image")
 SLICE_STANDARDISATIONS = ("none", "volume")
-SCORE_MAPS = ("squared", "ssim", "critic", "feature")
+SCORE_MAPS = ("squared", "hyperintense", "hypointense", "ssim", "critic", "feature")
 CRITIC_MAPS = ("critic", "feature")  # the maps that need the trained critic
 
 
@@ -65,7 +72,9 @@ class PatchRankingInferer(Inferer):
         amp: bf16 autocast of the network calls on CUDA and on CPUs with native bf16 (scores within bf16
             tolerance of fp32: relative differences of a few 1e-3; on 2 Zen 4 cores a volume takes half the time).
         score_maps: which per-pixel anomaly maps make the patch errors: ``squared`` reconstruction error (the
-            paper), ``ssim`` (1 - SSIM), ``critic`` (the PatchGAN critic's ``1 - D`` on the input), ``feature``
+            paper), ``hyperintense`` / ``hypointense`` (the same only where the input is brighter / darker than its
+            in-painting: FLAIR lesions are hyperintense, skin lesions dark), ``ssim`` (1 - SSIM), ``critic`` (the PatchGAN critic's ``1 - D`` on the
+            input), ``feature``
             (distance between the critic's feature maps of the input and of the reconstruction); the last two need
             ``critic``. Several maps are standardised with ``normal_stats`` and averaged.
         critic: the trained PatchGAN critic, for the ``critic`` and ``feature`` maps.
@@ -163,6 +172,8 @@ class PatchRankingInferer(Inferer):
         for name in names or self.score_maps:
             if name == "squared":
                 maps[name] = pixel_errors(images, recon, region)
+            elif name in ("hyperintense", "hypointense"):
+                maps[name] = one_sided_errors(images, recon, region, brighter=name == "hyperintense")
             elif name == "ssim":
                 maps[name] = ssim_error_map(images, recon, region)
             elif name == "critic":

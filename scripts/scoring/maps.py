@@ -1,6 +1,7 @@
 """Per-pixel anomaly maps of an image and its reconstruction (pure tensor functions, ``(N, 1, H, W)``).
 
-``squared`` error (the paper), ``ssim`` (1 - SSIM), the PatchGAN ``critic``'s own judgement, ``feature`` distance
+``squared`` error (the paper), ``hyperintense`` / ``hypointense`` (squared error only where the input is brighter /
+darker than its reconstruction), ``ssim`` (1 - SSIM), the PatchGAN ``critic``'s own judgement, ``feature`` distance
 between the critic's features of the input and of the reconstruction, and ``standardise`` (z-maps against
 normal statistics). Each map is zero outside ``region`` (the foreground of ``scripts.data.rules``).
 """
@@ -16,6 +17,22 @@ import torch.nn.functional as F
 def pixel_errors(image: torch.Tensor, recon: torch.Tensor, region: torch.Tensor | None = None) -> torch.Tensor:
     """Squared reconstruction error averaged over channels, ``(N, 1, H, W)``; zero outside ``region``."""
     err = (image.float() - recon.float()).pow(2).mean(dim=1, keepdim=True)
+    return err if region is None else err * region.float()
+
+
+def one_sided_errors(
+    image: torch.Tensor, recon: torch.Tensor, region: torch.Tensor | None = None, brighter: bool = True
+) -> torch.Tensor:
+    """Squared error only where the input is brighter (``brighter``) or darker than its reconstruction,
+    ``(N, 1, H, W)``, averaged over channels; zero outside ``region``.
+
+    An in-painting draws normal tissue. FLAIR lesions (tumour, oedema, white-matter lesions) are brighter than
+    the tissue they replace, skin lesions darker than skin: the error of the other sign is normal anatomy drawn a
+    little off (a dark sulcus or ventricle drawn wide, a bright hair missed) and counts nothing. The one-sided
+    residual is the usual choice for FLAIR in unsupervised lesion detection.
+    """
+    difference = image.float() - recon.float() if brighter else recon.float() - image.float()
+    err = difference.clamp_min(0).pow(2).mean(dim=1, keepdim=True)
     return err if region is None else err * region.float()
 
 

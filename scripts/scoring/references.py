@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from scripts.data.rules import relative_levels
+from scripts.scoring.inferer import within_volume_z
 
 REFERENCES = ("trivial_intensity", "trivial_position", "trivial_darkness")
 
@@ -32,6 +33,23 @@ def trivial_scores(slices: torch.Tensor, region: torch.Tensor, valid: torch.Tens
     position[index] = 1 - np.abs(2 * relative_levels(np.zeros(len(index)), index) - 1)
     darkness = 1 - slices.float().flatten(1).mean(1)
     return {"trivial_intensity": intensity, "trivial_position": position, "trivial_darkness": darkness.numpy()}
+
+
+VOLUME_Z_INTENSITY = "trivial_intensity_volume_z"
+
+
+def volume_standardised_intensity(intensity: np.ndarray, case_ids: np.ndarray) -> np.ndarray:
+    """The brightest-intensity reference z-scored within each case, as ``slice_standardisation: "volume"`` does
+    to the model's slice scores (``inferer.within_volume_z``): the like-for-like floor of a volume-z score.
+
+    ``intensity`` and ``case_ids`` are a slice table's columns (one row per scored slice); NaN rows stay NaN and
+    take no part in their case's median and MAD. A case of one slice (a 2D picture) scores 0.
+    """
+    out = np.full(len(intensity), np.nan)
+    for case in np.unique(case_ids):
+        rows = np.flatnonzero((case_ids == case) & np.isfinite(intensity))
+        out[rows] = within_volume_z(torch.as_tensor(intensity[rows], dtype=torch.float64)).numpy()
+    return out
 
 
 LESION_REFERENCES = ("trivial_area", "trivial_asymmetry", "trivial_border", "trivial_variegation")
