@@ -23,7 +23,7 @@ CLI::
 
 Overrides are config ids, as for ``monai.bundle run``; scoring needs the ``image_size``/``patch_size`` the model
 was trained with (and ``in_channels`` for ONNX export). The ``critic`` score map needs the critic, which is
-not exported: use the squared or SSIM maps with an exported reconstructor.
+not exported: use the squared, one-sided (hyperintense / hypointense) or SSIM maps with an exported reconstructor.
 """
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ def score(
         parser[key] = value
     if {"critic", "feature"} & set(parser.get_parsed_content("score_maps")):
         raise ValueError("the 'critic' and 'feature' score maps need the critic, which is not exported; "
-                         "use 'squared' or 'ssim'")
+                         "use 'squared', 'hyperintense', 'hypointense' or 'ssim'")
     parser["imports"] = [item for item in parser["imports"] if item.strip() != MODEL_IMPORT]
     parser["network"] = {"_target_": "scripts.export.load_exported", "path": str(model), "device": "@device"}
     parser["network_def"] = parser["critic_def"] = parser["critic"] = None

@@ -27,9 +27,9 @@ def metrics_markdown(results: Mapping[str, Mapping[str, Any]], level: str, fpr: 
     if level == "slice":
         lines += ["", "spec 95% CI: bootstrap over test patients (their normal slices move together). level R²: share "
                   "of the score's variance on normal test slices that a quadratic in the axial level explains (0: "
-                  "the level says nothing; trivial_position is the level itself). AUROC beyond level: AUROC of the score minus "
-                  "the normal score expected at the slice's level (a quadratic fitted on the normal validation "
-                  "slices): what the score detects that the axial position does not."]
+                  "the level says nothing; trivial_position is the level itself). AUROC beyond level: AUROC of the "
+                  "score minus the normal score expected at the slice's level (a quadratic fitted on the normal "
+                  "validation slices): what the score detects that the axial position does not."]
     failed = {name: r["n_failed_cases"] for name, r in results.items() if r.get("n_failed_cases")}
     if failed:
         lines += ["", "**Failed cases are not in these figures**: " + ", ".join(

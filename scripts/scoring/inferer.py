@@ -73,10 +73,10 @@ class PatchRankingInferer(Inferer):
             tolerance of fp32: relative differences of a few 1e-3; on 2 Zen 4 cores a volume takes half the time).
         score_maps: which per-pixel anomaly maps make the patch errors: ``squared`` reconstruction error (the
             paper), ``hyperintense`` / ``hypointense`` (the same only where the input is brighter / darker than its
-            in-painting: FLAIR lesions are hyperintense, skin lesions dark), ``ssim`` (1 - SSIM), ``critic`` (the PatchGAN critic's ``1 - D`` on the
-            input), ``feature``
-            (distance between the critic's feature maps of the input and of the reconstruction); the last two need
-            ``critic``. Several maps are standardised with ``normal_stats`` and averaged.
+            in-painting: FLAIR lesions are hyperintense, skin lesions dark), ``ssim`` (1 - SSIM), ``critic`` (the
+            PatchGAN critic's ``1 - D`` on the input), ``feature`` (distance between the critic's feature maps of
+            the input and of the reconstruction); the last two need ``critic``. Several maps are standardised with
+            ``normal_stats`` and averaged.
         critic: the trained PatchGAN critic, for the ``critic`` and ``feature`` maps.
         normal_stats: per-pixel mean and std of each map on normal validation slices (a dict, or the path of the
             ``.pt`` file written by ``scripts.scoring.calibration``); when given, every map becomes a z-map: how unusual the
