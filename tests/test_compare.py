@@ -21,7 +21,7 @@ from scripts.evaluation.patch_protocol import PatchProtocol
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED = ("patchgan_ranking", "patchgan_no_ranking", "ae", "ocsvm", "alocc", "ocsvm_guided",
-            "trivial_intensity", "trivial_intensity_volume_z", "trivial_position")
+            "trivial_intensity", "trivial_intensity_volume_z", "trivial_intensity_volume_lower_half", "trivial_position")
 TINY = ["--image-size", "32", "--max-epochs", "1", "--batch-size", "8", "--channels", "8,16,32", "--threads", "1",
         "--override", "network_def#num_res_units=1", "--override", "min_lesion_voxels=5"]
 

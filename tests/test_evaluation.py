@@ -169,7 +169,8 @@ def test_evaluate_writes_metrics_and_plots(tmp_path):
     assert not list((tmp_path / "eval").glob(".*"))  # no temporary files left behind
     assert_png(tmp_path / "eval" / "roc.png")
     assert_png(tmp_path / "eval" / "score_distribution.png")
-    assert set(results) == {"model", "trivial_intensity", "trivial_intensity_volume_z", "trivial_position"}
+    assert set(results) == {"model", "trivial_intensity", "trivial_intensity_volume_z",
+                            "trivial_intensity_volume_lower_half", "trivial_position"}
     _, test = read_scores(tmp_path / "test")
     z = volume_standardised_intensity(test["trivial_intensity"], test["case_id"])  # the like-for-like floor
     keep = (test["label"] >= 0) & np.isfinite(z)

@@ -158,6 +158,11 @@ def test_within_volume_standardisation_z_scores_slices_and_leaves_the_volume_sco
     # median 3, MAD 1 -> 1.4826
     assert torch.allclose(z, torch.tensor([-2.0, -1.0, 0.0, 1.0, 7.0]) / 1.4826)
     assert torch.all(within_volume_z(torch.full((4,), 2.0)) == 0)
+    # lower half: slices at or below the median 3 (1, 2, 3): median 2, MAD 1; the lesion burden moves nothing
+    lower = within_volume_z(torch.tensor([1.0, 2.0, 3.0, 4.0, 10.0]), lower_half=True)
+    assert torch.allclose(lower, torch.tensor([-1.0, 0.0, 1.0, 2.0, 8.0]) / 1.4826)
+    more_lesion = within_volume_z(torch.tensor([1.0, 2.0, 3.0, 10.0, 10.0, 10.0]), lower_half=True)
+    assert torch.allclose(more_lesion[:3], lower[:3])  # the same normal slices, the same z-scores
 
     volume = brain_volume()
     volume[0, 0, 20:28, 20:28, 3] = 1.0  # a second, weaker bright patch: slices differ
@@ -166,6 +171,9 @@ def test_within_volume_standardisation_z_scores_slices_and_leaves_the_volume_sco
                                        slice_standardisation="volume").score(volume, Constant())
     valid = raw.slice_valid
     assert torch.allclose(standardised.slice_scores[valid], within_volume_z(raw.slice_scores[valid]))
+    lower = PatchRankingInferer(image_size=32, patch_size=8, test_input="image",
+                                slice_standardisation="volume_lower_half").score(volume, Constant())
+    assert torch.allclose(lower.slice_scores[valid], within_volume_z(raw.slice_scores[valid], lower_half=True))
     assert torch.equal(standardised.case_scores, raw.case_scores)
     assert torch.equal(standardised.heatmap, raw.heatmap)
     with pytest.raises(ValueError, match="slice_standardisation"):

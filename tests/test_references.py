@@ -71,6 +71,10 @@ def test_the_volume_z_intensity_reference_standardises_each_case_on_its_own_slic
     np.testing.assert_allclose(z[:3], np.array([-1.0, 0.0, 1.0]) / 1.4826)
     np.testing.assert_allclose(z[4:7], z[:3])
     assert np.isnan(z[3]) and z[7] == 0.0
+    # against the lower half of a's slices (1, 2): median 1 (torch's lower median), MAD 0 -> floored, so a's
+    # brighter slices stand far out; c alone still scores 0
+    lower = volume_standardised_intensity(intensity, cases, lower_half=True)
+    assert lower[0] == 0.0 and lower[1] > 1e3 and lower[7] == 0.0
 
 
 def test_no_lesion_gives_no_reference():

@@ -17,8 +17,8 @@ Methods (keys of ``comparison.json``), each a config of the bundle, all reading 
 - ``ae``: ``+ configs/ae.json``; ``alocc``: ``+ configs/alocc.json``; ``ocsvm_guided``: ``+ configs/ocsvm_guided.json``;
 - ``ocsvm``: ``scripts.baselines.ocsvm.fit_from_config`` then inference with ``INFERENCE_OVERRIDES``;
 - ``trivial_intensity``, ``trivial_position``: the model-free references of the core's ``slice_scores.csv``, and
-  ``trivial_intensity_volume_z``: the brightest intensity z-scored within each volume, the like-for-like floor of
-  a score with ``slice_standardisation: "volume"``.
+  ``trivial_intensity_volume_z`` / ``trivial_intensity_volume_lower_half``: the brightest intensity z-scored within
+  each volume, the like-for-like floor of a score with ``slice_standardisation: "volume"`` / ``"volume_lower_half"``.
 
 Layout: ``OUT/<fold>/datalist.json``; ``OUT/<fold>/<method>/`` holds the test inference output (``scores.csv``,
 ``slice_scores.csv``, ``heatmaps/``), ``validation/`` (the same on the validation cases) and, for the method that

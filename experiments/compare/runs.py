@@ -46,6 +46,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
         "patchgan", {"ranking": False, "score_maps": ["hyperintense"], "slice_standardisation": "volume"},
     ),
     "patchgan_hypointense": ("patchgan", {"score_maps": ["hypointense"]}),
+    "patchgan_hyperintense_volume_lower_half": (
+        "patchgan", {"score_maps": ["hyperintense"], "slice_standardisation": "volume_lower_half"},
+    ),
 }
 RUNNABLE = {**METHODS, **VARIANTS}
 # model -> override config files merged onto train.json and inference.json
@@ -56,7 +59,7 @@ MODEL_CONFIGS: dict[str, list[str]] = {
     "alocc": ["alocc.json"],
     "ocsvm_guided": ["ocsvm_guided.json"],
 }
-TRIVIAL = ("trivial_intensity", "trivial_intensity_volume_z", "trivial_position")
+TRIVIAL = ("trivial_intensity", "trivial_intensity_volume_z", "trivial_intensity_volume_lower_half", "trivial_position")
 TABLE_ORDER = ("ae", "ocsvm", "alocc", "ocsvm_guided", "patchgan_no_ranking", "patchgan_ranking", *VARIANTS)
 DISPLAY = {
     "ae": "AE (convolutional autoencoder, MSE)",
@@ -74,8 +77,10 @@ DISPLAY = {
     "patchgan_hyperintense_volume_z": "Patch-GAN, ranking, hyperintense error map, volume z",
     "patchgan_no_ranking_hyperintense_volume_z": "Patch-GAN, no ranking, hyperintense error map, volume z",
     "patchgan_hypointense": "Patch-GAN, ranking, hypointense error map",
+    "patchgan_hyperintense_volume_lower_half": "Patch-GAN, ranking, hyperintense error map, volume z (lower half)",
     "trivial_intensity": "trivial: brightest foreground intensity",
     "trivial_intensity_volume_z": "trivial: brightest foreground intensity, volume z",
+    "trivial_intensity_volume_lower_half": "trivial: brightest foreground intensity, volume z (lower half)",
     "trivial_position": "trivial: axial position",
     "trivial_darkness": "trivial: darkness",
     "trivial_texture": "trivial: texture (intensity std, patch level)",

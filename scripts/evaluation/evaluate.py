@@ -54,7 +54,7 @@ from scripts.evaluation.plots import TRIVIAL_PREFIX, plot_roc, plot_score_distri
 from scripts.evaluation.report import json_safe, metrics_markdown
 from scripts.outputs import formats
 from scripts.outputs.formats import Columns, read_scores
-from scripts.scoring.references import VOLUME_Z_INTENSITY, volume_standardised_intensity
+from scripts.scoring.references import VOLUME_Z_INTENSITIES, volume_standardised_intensity
 
 logger = logging.getLogger(__name__)
 
@@ -127,12 +127,12 @@ def evaluate(
 
 def read_tables(output_dir: str | os.PathLike) -> tuple[Columns, Columns]:
     """An inference folder's (case, slice) tables (``formats.read_scores``) with the references derived from its
-    slice columns added: the brightest intensity z-scored within each volume
-    (``references.volume_standardised_intensity``). Every reader of scores for evaluation goes through here."""
+    slice columns added: the brightest intensity z-scored within each volume, against all its slices and against
+    its lower-scoring half (``references.volume_standardised_intensity``). Every reader of scores for evaluation goes through here."""
     cases, slices = read_scores(output_dir)
     if "trivial_intensity" in slices and "case_id" in slices:
-        slices = {**slices, VOLUME_Z_INTENSITY: volume_standardised_intensity(slices["trivial_intensity"],
-                                                                              slices["case_id"])}
+        slices = {**slices, **{name: volume_standardised_intensity(slices["trivial_intensity"], slices["case_id"], half)
+                               for name, half in VOLUME_Z_INTENSITIES.items()}}
     return cases, slices
 
 

@@ -29,7 +29,7 @@ from scripts.scoring.maps import (
 from scripts.scoring.patches import aggregate_slices, checkerboard_masks, grid_to_image, patch_grid, ranking_score
 
 TEST_INPUTS = ("inpaint", "image")
-SLICE_STANDARDISATIONS = ("none", "volume")
+SLICE_STANDARDISATIONS = ("none", "volume", "volume_lower_half")
 SCORE_MAPS = ("squared", "hyperintense", "hypointense", "ssim", "critic", "feature")
 CRITIC_MAPS = ("critic", "feature")  # the maps that need the trained critic
 
@@ -81,8 +81,9 @@ class PatchRankingInferer(Inferer):
         normal_stats: per-pixel mean and std of each map on normal validation slices (a dict, or the path of the
             ``.pt`` file written by ``scripts.scoring.calibration``); when given, every map becomes a z-map: how unusual the
             error is for that place on normal data.
-        slice_standardisation: ``"none"``, or ``"volume"``: each slice score of a volume becomes a robust z-score
-            against the volume's own scored slices (median, 1.4826 x MAD), so that what a patient's scanner,
+        slice_standardisation: ``"none"``, ``"volume"`` or ``"volume_lower_half"``: each slice score of a volume
+            becomes a robust z-score against the volume's own scored slices (median, 1.4826 x MAD; with
+            ``"volume_lower_half"`` those of its lower-scoring half, ``within_volume_z``), so that what a patient's scanner,
             head size or shading adds to every slice cancels out and one threshold holds across patients. The
             volume score is aggregated from the raw slice scores (a z-score against itself says nothing about
             the whole volume).
@@ -155,7 +156,9 @@ class PatchRankingInferer(Inferer):
         tissue = patch_grid(self._region(resized).float(), self.patch_size) > 0  # patches that touch the foreground
         scores = torch.full((len(slices),), float("nan"), device=slices.device)
         raw = ranking_score(grid, self.weights, tissue).to(scores.dtype)
-        scores[valid] = within_volume_z(raw) if is_volume and self.slice_standardisation == "volume" else raw
+        standardise_slices = is_volume and self.slice_standardisation != "none"
+        lower_half = self.slice_standardisation == "volume_lower_half"
+        scores[valid] = within_volume_z(raw, lower_half) if standardise_slices else raw
         heat = torch.zeros((len(slices), 1, *slices.shape[-2:]), device=slices.device)
         heat[valid] = grid_to_image(grid, slices.shape[-2:])
         heat = heat * region
@@ -233,13 +236,20 @@ class PatchRankingInferer(Inferer):
         return foreground(slices, self.foreground)
 
 
-def within_volume_z(scores: torch.Tensor) -> torch.Tensor:
+def within_volume_z(scores: torch.Tensor, lower_half: bool = False) -> torch.Tensor:
     """Robust z-scores of a volume's slice scores: ``(s - median) / (1.4826 * MAD)``, the MAD floored at 1e-6 of
-    the median's size so that a volume of identical slices gives zeros, not infinities."""
+    the median's size so that a volume of identical slices gives zeros, not infinities.
+
+    ``lower_half``: the median and MAD come from the slices scoring at or below the volume's median only, the half
+    most likely to be normal. With all slices, a volume with many lesion slices has a high median and a wide MAD,
+    so its normal slices get low z-scores, while in a volume with a small lesion they spread around 0: the scale
+    depends on the lesion burden, and one threshold does not fit both (TCGA-LGG, docs/results.md).
+    """
     if scores.numel() == 0:
         return scores
-    median = scores.median()
-    mad = (scores - median).abs().median() * 1.4826
+    reference = scores[scores <= scores.median()] if lower_half else scores
+    median = reference.median()
+    mad = (reference - median).abs().median() * 1.4826
     return (scores - median) / mad.clamp_min(1e-6 * float(median.abs()) + 1e-12)
 
 

@@ -35,12 +35,14 @@ def trivial_scores(slices: torch.Tensor, region: torch.Tensor, valid: torch.Tens
     return {"trivial_intensity": intensity, "trivial_position": position, "trivial_darkness": darkness.numpy()}
 
 
-VOLUME_Z_INTENSITY = "trivial_intensity_volume_z"
+# the brightest-intensity reference z-scored within each volume -> whether against the lower-scoring half only
+VOLUME_Z_INTENSITIES = {"trivial_intensity_volume_z": False, "trivial_intensity_volume_lower_half": True}
 
 
-def volume_standardised_intensity(intensity: np.ndarray, case_ids: np.ndarray) -> np.ndarray:
-    """The brightest-intensity reference z-scored within each case, as ``slice_standardisation: "volume"`` does
-    to the model's slice scores (``inferer.within_volume_z``): the like-for-like floor of a volume-z score.
+def volume_standardised_intensity(intensity: np.ndarray, case_ids: np.ndarray, lower_half: bool = False) -> np.ndarray:
+    """The brightest-intensity reference z-scored within each case, as ``slice_standardisation: "volume"`` (or
+    ``"volume_lower_half"``) does to the model's slice scores (``inferer.within_volume_z``): the like-for-like
+    floor of such a score.
 
     ``intensity`` and ``case_ids`` are a slice table's columns (one row per scored slice); NaN rows stay NaN and
     take no part in their case's median and MAD. A case of one slice (a 2D picture) scores 0.
@@ -48,7 +50,7 @@ def volume_standardised_intensity(intensity: np.ndarray, case_ids: np.ndarray) -
     out = np.full(len(intensity), np.nan)
     for case in np.unique(case_ids):
         rows = np.flatnonzero((case_ids == case) & np.isfinite(intensity))
-        out[rows] = within_volume_z(torch.as_tensor(intensity[rows], dtype=torch.float64)).numpy()
+        out[rows] = within_volume_z(torch.as_tensor(intensity[rows], dtype=torch.float64), lower_half).numpy()
     return out
 
 
