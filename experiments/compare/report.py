@@ -14,6 +14,7 @@ from experiments.compare.runs import DISPLAY, METRICS, TABLE_ORDER, TRIVIAL, Set
 from scripts.evaluation.evaluate import read_tables
 from scripts.evaluation.patch_protocol import PatchProtocol
 from scripts.evaluation.report import json_safe
+from scripts.outputs.formats import Columns
 from scripts.scoring.references import LESION_REFERENCES
 
 
@@ -147,12 +148,16 @@ def _settings_dict(settings: Settings) -> dict[str, Any]:
     return {k: v for k, v in vars(settings).items()}
 
 
-def _series(folder: Path, column: str) -> tuple[np.ndarray, np.ndarray] | None:
-    try:
-        slices = read_tables(folder)[1]
-    except FileNotFoundError:
-        return None
-    if column not in slices or "label" not in slices:
+def _series(folder: Path, column: str, read: dict[Path, Columns | None]) -> tuple[np.ndarray, np.ndarray] | None:
+    """(labels, scores) of ``column`` in ``folder``'s slice table; ``read`` keeps each folder's table, so a folder
+    read for one method and several references is read (and its derived references computed) once."""
+    if folder not in read:
+        try:
+            read[folder] = read_tables(folder)[1]
+        except FileNotFoundError:
+            read[folder] = None
+    slices = read[folder]
+    if slices is None or column not in slices or "label" not in slices:
         return None
     keep = (slices["label"] >= 0) & np.isfinite(slices[column])
     return slices["label"][keep], slices[column][keep]
@@ -164,12 +169,13 @@ def pooled_series(fold_dirs: Mapping[str, Path], methods: Sequence[str], first: 
     pooled: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}
     references = (*TRIVIAL, "trivial_darkness", "trivial_texture", *LESION_REFERENCES)
     wanted = [(m, m, "score") for m in methods] + [(t, first, t) for t in references]
+    read: dict[Path, Columns | None] = {}
     for fold_dir in fold_dirs.values():
         for name, method, column in wanted:
-            test = _series(fold_dir / method, column)
+            test = _series(fold_dir / method, column, read)
             if test is None or len(test[0]) == 0:
                 continue
-            validation = _series(fold_dir / method / "validation", column)
+            validation = _series(fold_dir / method / "validation", column, read)
             normal = validation[1][validation[0] == 0] if validation is not None else np.empty(0)
             if normal.size > 1 and np.std(normal) > 0:
                 test = (test[0], (test[1] - normal.mean()) / normal.std())

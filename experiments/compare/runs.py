@@ -18,6 +18,7 @@ from experiments.compare.folds import Fold
 from scripts.data.datalist import load_datalist
 from scripts.evaluation.evaluate import evaluate
 from scripts.evaluation.patch_protocol import PatchProtocol
+from scripts.scoring.references import VOLUME_Z_INTENSITIES
 
 logger = logging.getLogger("experiments.compare")
 
@@ -59,7 +60,7 @@ MODEL_CONFIGS: dict[str, list[str]] = {
     "alocc": ["alocc.json"],
     "ocsvm_guided": ["ocsvm_guided.json"],
 }
-TRIVIAL = ("trivial_intensity", "trivial_intensity_volume_z", "trivial_intensity_volume_lower_half", "trivial_position")
+TRIVIAL = ("trivial_intensity", *VOLUME_Z_INTENSITIES, "trivial_position")
 TABLE_ORDER = ("ae", "ocsvm", "alocc", "ocsvm_guided", "patchgan_no_ranking", "patchgan_ranking", *VARIANTS)
 DISPLAY = {
     "ae": "AE (convolutional autoencoder, MSE)",

@@ -9,9 +9,9 @@ Choices that matter for honest numbers:
 * The operating threshold comes from NORMAL VALIDATION scores only: an unsupervised detector has no abnormal
   examples to tune on, and tuning on the test set would inflate sensitivity and specificity.
 * The trivial reference scores in ``slice_scores.csv`` (``trivial_*`` columns: brightest foreground intensity,
-  axial position, darkness), and the brightest intensity z-scored within each volume (the floor of a score with
-  ``slice_standardisation: "volume"``), are evaluated as methods of their own, so that a model's AUROC can be read
-  against what needs no model at all.
+  axial position, darkness), and the brightest intensity z-scored within each volume (the floors of scores with
+  ``slice_standardisation: "volume"`` or ``"volume_lower_half"``), are evaluated as methods of their own, so that a
+  model's AUROC can be read against what needs no model at all.
 * The best Dice over thresholds picks the threshold on the test masks themselves; it is reported as
   ``dice_best_upper_bound`` because it is an optimistic bound, not an achievable operating point.
 * Pixel metrics pool the pixels of all cases inside the foreground region (the brain); above ``max_pixels`` a
@@ -128,7 +128,8 @@ def evaluate(
 def read_tables(output_dir: str | os.PathLike) -> tuple[Columns, Columns]:
     """An inference folder's (case, slice) tables (``formats.read_scores``) with the references derived from its
     slice columns added: the brightest intensity z-scored within each volume, against all its slices and against
-    its lower-scoring half (``references.volume_standardised_intensity``). Every reader of scores for evaluation goes through here."""
+    its lower-scoring half (``references.volume_standardised_intensity``). Every reader of scores for evaluation
+    goes through here."""
     cases, slices = read_scores(output_dir)
     if "trivial_intensity" in slices and "case_id" in slices:
         slices = {**slices, **{name: volume_standardised_intensity(slices["trivial_intensity"], slices["case_id"], half)

@@ -83,8 +83,8 @@ class PatchRankingInferer(Inferer):
             error is for that place on normal data.
         slice_standardisation: ``"none"``, ``"volume"`` or ``"volume_lower_half"``: each slice score of a volume
             becomes a robust z-score against the volume's own scored slices (median, 1.4826 x MAD; with
-            ``"volume_lower_half"`` those of its lower-scoring half, ``within_volume_z``), so that what a patient's scanner,
-            head size or shading adds to every slice cancels out and one threshold holds across patients. The
+            ``"volume_lower_half"`` those of its lower-scoring half, ``within_volume_z``), so that what a patient's
+            scanner, head size or shading adds to every slice cancels out and one threshold holds across patients. The
             volume score is aggregated from the raw slice scores (a z-score against itself says nothing about
             the whole volume).
     """
