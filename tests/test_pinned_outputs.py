@@ -115,11 +115,12 @@ def phantoms(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("variant", ["squared_ranking", "squared_no_ranking", "critic", "feature_image"])
+@pytest.mark.parametrize("variant", ["default", "squared_ranking", "squared_no_ranking", "critic", "feature_image"])
 def test_synthetic_outputs_are_pinned(phantoms: Path, tmp_path: Path, variant: str) -> None:
     overrides = {
-        "squared_ranking": {},
-        "squared_no_ranking": {"ranking": False},
+        "default": {},  # configs/inference.json as it is: the hyperintense map with ranking
+        "squared_ranking": {"score_maps": ["squared"]},
+        "squared_no_ranking": {"score_maps": ["squared"], "ranking": False},
         "critic": {"score_maps": ["critic"]},
         "feature_image": {"score_maps": ["feature"], "test_input": "image"},
     }[variant]

@@ -13,7 +13,9 @@ is tested. No hyper-parameter is chosen on test labels.
 
 Methods (keys of ``comparison.json``), each a config of the bundle, all reading the same slice cache:
 
-- ``patchgan_ranking`` / ``patchgan_no_ranking``: ``configs/train.json`` once, inference with ``ranking`` true/false;
+- ``patchgan_ranking`` / ``patchgan_no_ranking``: ``configs/train.json`` once, inference with ``ranking`` true/false
+  and the configs' own score map; ``patchgan_squared`` / ``patchgan_no_ranking_squared``: the same training scored
+  with the paper's squared error;
 - ``ae``: ``+ configs/ae.json``; ``alocc``: ``+ configs/alocc.json``; ``ocsvm_guided``: ``+ configs/ocsvm_guided.json``;
 - ``ocsvm``: ``scripts.baselines.ocsvm.fit_from_config`` then inference with ``INFERENCE_OVERRIDES``;
 - ``trivial_intensity``, ``trivial_position``: the model-free references of the core's ``slice_scores.csv``, and

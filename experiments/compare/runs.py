@@ -25,10 +25,14 @@ logger = logging.getLogger("experiments.compare")
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"
 
-# method -> (the trained model it uses, inference overrides of its own)
+# method -> (the trained model it uses, inference overrides of its own). patchgan_ranking / patchgan_no_ranking score
+# with the configs' own map (configs/inference.json: hyperintense; an overlay's, e.g. dermoscopy's critic); the
+# *_squared pair is the paper's squared error whatever the overlay says
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "patchgan_ranking": ("patchgan", {"ranking": True}),
     "patchgan_no_ranking": ("patchgan", {"ranking": False}),
+    "patchgan_squared": ("patchgan", {"ranking": True, "score_maps": ["squared"]}),
+    "patchgan_no_ranking_squared": ("patchgan", {"ranking": False, "score_maps": ["squared"]}),
     "ae": ("ae", {}),
     "ocsvm": ("ocsvm", {}),
     "alocc": ("alocc", {}),
@@ -39,8 +43,10 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "patchgan_ssim": ("patchgan", {"score_maps": ["ssim"]}),
     "patchgan_critic": ("patchgan", {"score_maps": ["critic"]}),
     "patchgan_feature": ("patchgan", {"score_maps": ["feature"]}),
-    "patchgan_volume_z": ("patchgan", {"slice_standardisation": "volume"}),
-    "patchgan_no_ranking_volume_z": ("patchgan", {"ranking": False, "slice_standardisation": "volume"}),
+    "patchgan_volume_z": ("patchgan", {"score_maps": ["squared"], "slice_standardisation": "volume"}),
+    "patchgan_no_ranking_volume_z": (
+        "patchgan", {"ranking": False, "score_maps": ["squared"], "slice_standardisation": "volume"},
+    ),
     "patchgan_hyperintense": ("patchgan", {"score_maps": ["hyperintense"]}),
     "patchgan_hyperintense_volume_z": ("patchgan", {"score_maps": ["hyperintense"], "slice_standardisation": "volume"}),
     "patchgan_no_ranking_hyperintense_volume_z": (
@@ -61,7 +67,8 @@ MODEL_CONFIGS: dict[str, list[str]] = {
     "ocsvm_guided": ["ocsvm_guided.json"],
 }
 TRIVIAL = ("trivial_intensity", *VOLUME_Z_INTENSITIES, "trivial_position")
-TABLE_ORDER = ("ae", "ocsvm", "alocc", "ocsvm_guided", "patchgan_no_ranking", "patchgan_ranking", *VARIANTS)
+TABLE_ORDER = ("ae", "ocsvm", "alocc", "ocsvm_guided", "patchgan_no_ranking_squared", "patchgan_squared",
+               "patchgan_no_ranking", "patchgan_ranking", *VARIANTS)
 DISPLAY = {
     "ae": "AE (convolutional autoencoder, MSE)",
     "ocsvm": "OCSVM (pixels, PCA 95%)",
@@ -69,11 +76,13 @@ DISPLAY = {
     "ocsvm_guided": "OCSVM-guided AE",
     "patchgan_no_ranking": "Patch-GAN without ranking",
     "patchgan_ranking": "Patch-GAN with targeted patch ranking",
+    "patchgan_no_ranking_squared": "Patch-GAN without ranking, squared error map (the paper)",
+    "patchgan_squared": "Patch-GAN with targeted patch ranking, squared error map (the paper)",
     "patchgan_ssim": "Patch-GAN, ranking, SSIM map",
     "patchgan_critic": "Patch-GAN, ranking, critic map (1 - D)",
     "patchgan_feature": "Patch-GAN, ranking, critic-feature map",
-    "patchgan_volume_z": "Patch-GAN, ranking, slice scores z-scored within the volume",
-    "patchgan_no_ranking_volume_z": "Patch-GAN, no ranking, slice scores z-scored within the volume",
+    "patchgan_volume_z": "Patch-GAN, ranking, squared error map, volume z",
+    "patchgan_no_ranking_volume_z": "Patch-GAN, no ranking, squared error map, volume z",
     "patchgan_hyperintense": "Patch-GAN, ranking, hyperintense error map",
     "patchgan_hyperintense_volume_z": "Patch-GAN, ranking, hyperintense error map, volume z",
     "patchgan_no_ranking_hyperintense_volume_z": "Patch-GAN, no ranking, hyperintense error map, volume z",
