@@ -20,7 +20,9 @@ from scripts.data.synthetic import generate_dataset
 from scripts.evaluation.patch_protocol import PatchProtocol
 
 ROOT = Path(__file__).resolve().parents[1]
-REQUIRED = ("patchgan_ranking", "patchgan_no_ranking", "ae", "ocsvm", "alocc", "ocsvm_guided",
+METHODS_RUN = ("patchgan_ranking", "patchgan_no_ranking", "patchgan_squared", "patchgan_no_ranking_squared", "ae",
+               "ocsvm", "alocc", "ocsvm_guided")
+REQUIRED = (*METHODS_RUN,
             "trivial_intensity", "trivial_intensity_volume_z", "trivial_intensity_volume_lower_half", "trivial_position")
 TINY = ["--image-size", "32", "--max-epochs", "1", "--batch-size", "8", "--channels", "8,16,32", "--threads", "1",
         "--override", "network_def#num_res_units=1", "--override", "min_lesion_voxels=5"]
@@ -72,7 +74,7 @@ def test_compare_trains_every_method_and_writes_the_comparison(tmp_path):
         datalist = json.loads((out / fold / "datalist.json").read_text())
         test_cases = {item["case_id"] for item in datalist["testing"]}
         assert not test_cases & {item["case_id"] for item in datalist["training"] + datalist["validation"]}
-        for method in REQUIRED[:6]:
+        for method in METHODS_RUN:
             rows = read_csv(out / fold / method / "slice_scores.csv")
             assert {r["case_id"] for r in rows} == test_cases
             assert all(np.isfinite(float(r["score"])) for r in rows)
@@ -189,12 +191,15 @@ def test_scoring_variants_share_the_patchgan_training(tmp_path, monkeypatch):
         overrides["output_dir"], overrides))
     monkeypatch.setattr(runs, "evaluate_fold", lambda *args: {})
     fold = Fold("fold_0", tmp_path, tmp_path / "datalist.json")
-    runs.run_folds([fold], ["patchgan_ranking", "patchgan_volume_z", "patchgan_critic"], Settings(), resume=False)
+    runs.run_folds([fold], ["patchgan_ranking", "patchgan_volume_z", "patchgan_critic", "patchgan_squared"], Settings(),
+                   resume=False)
     assert trained == ["patchgan"]
     by_method = {Path(k).name if Path(k).name != "validation" else Path(k).parent.name: v for k, v in inferred.items()}
     assert by_method["patchgan_volume_z"]["slice_standardisation"] == "volume"
     assert by_method["patchgan_critic"]["score_maps"] == ["critic"]
     assert "slice_standardisation" not in by_method["patchgan_ranking"]
+    assert "score_maps" not in by_method["patchgan_ranking"]  # the configs' own map (an overlay's, if any)
+    assert by_method["patchgan_squared"]["score_maps"] == ["squared"]  # the paper's, whatever the overlay says
 
 
 def test_normal_stats_flag_points_patchgan_inference_at_its_own_statistics(monkeypatch, tmp_path):
