@@ -7,6 +7,8 @@ run the real HD-BET model on one TCGA-LGG patient (not skull-stripped) and one B
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -122,6 +124,25 @@ def test_hdbet_masks_are_cached_and_reused_without_running_the_model(tmp_path, m
     assert len(list((tmp_path / "masks").glob("p1_*.npz"))) == 1
     BrainExtractiond("hdbet", cache_dir=tmp_path / "masks", spacing=[0.5, None, None])(LoadCased()(item))
     assert len(calls) == 2  # another spacing is another mask
+
+
+def test_the_mask_cache_follows_the_content_not_the_path_or_the_file_time(tmp_path, monkeypatch):
+    image, brain_mask, _ = _head()
+    path = _write_case(tmp_path / "site", "p1", image)
+    calls = []
+    monkeypatch.setattr(brain, "hdbet_mask", lambda volume, spacing, device: calls.append(1) or brain_mask.astype(bool))
+    monkeypatch.setattr(brain, "_hdbet", lambda: None)
+    extraction = BrainExtractiond("hdbet", cache_dir=tmp_path / "masks")
+    extraction(LoadCased()({"case_id": "p1", "image": str(path)}))
+    copy = tmp_path / "copied" / path.name
+    copy.parent.mkdir()
+    shutil.copy(path, copy)  # a new path and a new modification time, the same bytes
+    os.utime(copy, (1e9, 1e9))
+    extraction(LoadCased()({"case_id": "p1", "image": str(copy)}))
+    assert len(calls) == 1
+    edited = _write_case(tmp_path / "edited", "p1", image * 1.5)  # other content: another mask
+    extraction(LoadCased()({"case_id": "p1", "image": str(edited)}))
+    assert len(calls) == 2
 
 
 def test_a_volume_hdbet_cannot_process_is_reported_by_name_and_the_others_are_scored(tmp_path, monkeypatch):

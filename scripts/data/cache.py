@@ -2,7 +2,7 @@
 
 Decoding a NIfTI volume costs far more than a training step on its slices, so every case is read, normalised,
 sliced and resized once; the result is kept in memory and, with ``cache_dir``, in a compact ``.npz`` per case
-(float16 images, keyed by the file's path, size, modification time and the slicing parameters) so that the next
+(float16 images, keyed by the file's content and the slicing parameters) so that the next
 run starts at once. A case that cannot be read is reported with its file and skipped; the others are kept.
 """
 

@@ -134,14 +134,21 @@ def save_png_atomic(array_uint8: np.ndarray, path: str | os.PathLike) -> None:
 
 
 def cache_file(folder: str | os.PathLike, case_id: str, files: Sequence[str | os.PathLike], params: Any) -> Path:
-    """``<folder>/<case_id>_<digest>.npz``: the digest covers each file's path, size and modification time (-1 for
-    a missing one) and ``params``, so an edited input or a changed setting makes a new entry, never a stale hit."""
-    stamp: list[Any] = [params]
-    for file in files:
-        st = os.stat(file) if os.path.exists(file) else None
-        stamp.append([str(file), st.st_size if st else -1, st.st_mtime_ns if st else -1])
+    """``<folder>/<case_id>_<digest>.npz``: the digest covers each file's content (its SHA-1; -1 for a missing one)
+    and ``params``, so an edited input or a changed setting makes a new entry, never a stale hit, while the same data
+    copied, moved or provisioned anew (new paths, new file times) keeps hitting: an HD-BET mask costs 15-400 s."""
+    stamp: list[Any] = [params, *(_content_digest(file) if os.path.exists(file) else -1 for file in files)]
     digest = hashlib.sha1(json.dumps(stamp, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return Path(folder) / f"{case_id}_{digest}.npz"
+
+
+def _content_digest(path: str | os.PathLike) -> str:
+    """SHA-1 of a file's bytes, read in 1 MiB blocks (a compressed FLAIR volume takes a few ms)."""
+    digest = hashlib.sha1()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> None:
