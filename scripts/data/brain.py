@@ -100,8 +100,8 @@ class BrainExtractiond(MapTransform):
         method: ``"none"`` (the input is skull-stripped: its constant background already marks the brain),
             ``"file"`` (the case's ``<case>_brainmask`` file, read by ``LoadCased`` into ``brainmask``), or
             ``"hdbet"`` (HD-BET on the volume, see ``hdbet_mask``).
-        cache_dir: where HD-BET masks are kept (``<case>_<digest>.npz``, keyed by the file's path, size, time and
-            the spacing used), so that every later run, training or inference, reuses them.
+        cache_dir: where HD-BET masks are kept (``<case>_<digest>.npz``, keyed by the file's content and the
+            spacing used, ``io.cache_file``), so that every later run, training or inference, reuses them.
         spacing, axial_coverage_mm: the voxel size assumed for files without geometry, see ``voxel_spacing``.
         device: where HD-BET runs.
 
