@@ -26,8 +26,9 @@ import torch
 from monai.transforms import Resize
 from monai.transforms.utils import generate_spatial_bounding_box
 
-from scripts.data.io import make_folder, read_image_2d, read_mask_2d, save_png_atomic, write_atomic
+from scripts.data.io import make_folder, read_image_2d, read_mask_2d, save_png_atomic
 from scripts.data.layouts import find_image_cases
+from scripts.outputs.formats import write_table
 
 logger = logging.getLogger("experiments.lesion_crops")
 
@@ -84,17 +85,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         save_png_atomic(picture, pictures / f"{item['case_id']}.png")
         save_png_atomic(mask, masks / f"{item['case_id']}_segmentation.png")
         rows.append((item["case_id"], "malignant" if item["label"] else "benign"))
-    write_atomic(out / "train_labels.csv", lambda handle: handle.write(_csv(rows).encode()))
+    write_table(out / "train_labels.csv", ["image_id", "label"], rows)
     for line in skipped:
         logger.warning("left out %s", line)
     logger.info("%d lesion crops (%d malignant) in %s; %d pictures left out", len(rows),
                 sum(label == "malignant" for _, label in rows), out / "train", len(skipped))
     return 0 if rows else 1
-
-
-def _csv(rows: Sequence[tuple[str, str]]) -> str:
-    lines = ["image_id,label", *(f"{case_id},{label}" for case_id, label in rows)]
-    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
