@@ -190,6 +190,23 @@ def test_n4_removes_a_smooth_shading_inside_the_brain():
     assert np.array_equal(corrected[0][~inside], shaded[0][~inside])
 
 
+def test_n4_is_computed_once_per_volume_and_reused_from_its_cache(tmp_path, monkeypatch):
+    image, brain_mask, _ = _head((24, 24, 8))
+    shaded = np.where(brain_mask > 0, 100 * np.exp(0.3 * np.linspace(-1, 1, 24))[:, None, None], 0.0)[None].astype(np.float32)
+    item = {"image": shaded, "image_meta_dict": {"ndim": 3}, "case_id": "p1"}
+    n4 = BiasFieldCorrectiond("image", shrink=2, cache_dir=tmp_path)
+    first = n4(item)["image"]
+    assert len(list(tmp_path.glob("p1_*.npz"))) == 1
+
+    def fail(image):
+        raise AssertionError("N4 ran again on a cached volume")
+
+    monkeypatch.setattr(n4, "correct", fail)
+    assert np.array_equal(n4(item)["image"], first)
+    with pytest.raises(AssertionError, match="ran again"):  # another volume is another entry
+        n4({**item, "image": shaded * 2})
+
+
 def test_unknown_method_and_missing_package_are_refused_in_words(monkeypatch):
     with pytest.raises(ValueError, match="unknown brain_mask 'bet'"):
         BrainExtractiond("bet")

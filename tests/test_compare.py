@@ -238,3 +238,12 @@ def test_a_config_overlay_reaches_training_and_inference_of_every_method(monkeyp
         infer(method, fold, "testing", tmp_path / method / "out", ckpt, settings, heatmaps=False)
     assert [r[0] for r in resolved] == ["training", "run"] * 3
     assert all(r[2] == 7 and r[3] == "all" for r in resolved), resolved
+
+
+@pytest.mark.parametrize("flag", ["--config", "--override"])
+def test_a_training_only_key_in_what_reaches_inference_is_refused_in_words(tmp_path, flag):
+    overlay = tmp_path / "epochs.json"
+    overlay.write_text(json.dumps({"train#checkpoint#n_saved": 5}))
+    value = str(overlay) if flag == "--config" else "train#checkpoint#n_saved=5"
+    with pytest.raises(SystemExit, match=r"train#checkpoint#n_saved would reach inference.*--train-config"):
+        main(["--dataset", str(tmp_path), "--output", str(tmp_path / "out"), flag, value])

@@ -33,6 +33,7 @@ validation scores, so that no test label enters the scale).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -118,6 +119,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
     unknown = sorted(set(methods) - set(RUNNABLE))
     if unknown or not methods:
         raise SystemExit(f"unknown methods {unknown}: choose from {', '.join(RUNNABLE)}")
+    overrides = dict(map(parse_override, args.override))
+    _check_inference_reach(args.config, overrides)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(name)s - %(levelname)s - %(message)s")
     if args.threads:
         import torch
@@ -134,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
         channels=[int(c) for c in args.channels.split(",")] if args.channels else small.get("channels"),
         num_res_units=small.get("num_res_units"), learning_rate=small.get("learning_rate"),
         num_workers=args.num_workers, seed=args.seed, fpr=args.fpr, normal_stats=args.normal_stats,
-        overrides=dict(map(parse_override, args.override)),
+        overrides=overrides,
         extra_configs=["dermoscopy.json"] if described["layout"] == "images" else [],
         overlay_configs=[str(Path(c).resolve()) for c in args.config],
         train_configs=[str(Path(c).resolve()) for c in args.train_config],
@@ -171,6 +174,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
         print("failures:\n  " + "\n  ".join(failures), file=sys.stderr)
         raise SystemExit(1)
     return summary
+
+
+def _check_inference_reach(overlays: Sequence[str], overrides: dict[str, Any]) -> None:
+    """Refuse, in words, a ``--config`` file or ``--override`` that reaches inside a section inference does not have
+    (``train#...``): both are merged onto every inference run too, where MONAI would stop each one with "By 'train',
+    did you mean 'run'?". Training-only settings belong in ``--train-config``."""
+    inference = json.loads((CONFIGS / "inference.json").read_text())
+    sources = [(f"--config {path}", json.loads(Path(path).read_text())) for path in overlays]
+    sources.append(("--override", overrides))
+    for source, content in sources:
+        foreign = sorted(key for key in content if "#" in key and key.split("#")[0] not in inference)
+        if foreign:
+            raise SystemExit(f"{source}: {', '.join(foreign)} would reach inference, which has no "
+                             f"{', '.join(sorted({k.split('#')[0] for k in foreign}))} section; training-only "
+                             f"settings go in --train-config FILE")
 
 
 if __name__ == "__main__":

@@ -182,11 +182,18 @@ class BiasFieldCorrectiond(MapTransform):
 
     Fitted on a ``shrink``-times downsampled copy (the field is smooth), then divided out at full resolution.
     N4 works on positive intensities, so z-scored input is shifted above zero for the fit and back after.
+    With ``cache_dir`` the corrected brain voxels are kept (``<case>_<digest>.npz``, keyed by the input volume itself
+    and the settings, ``io.cache_file``): every method of a comparison, and every later run, scores a volume that N4
+    corrected once (2-20 s a volume on 2 cores).
     """
 
-    def __init__(self, keys: Sequence[str] | str = "image", shrink: int = 4, iterations: Sequence[int] = (50, 50, 30)) -> None:
+    def __init__(
+        self, keys: Sequence[str] | str = "image", shrink: int = 4, iterations: Sequence[int] = (50, 50, 30),
+        cache_dir: str | os.PathLike | None = None,
+    ) -> None:
         super().__init__(keys)
         self.shrink, self.iterations = int(shrink), [int(i) for i in iterations]
+        self.cache_dir = Path(cache_dir) if cache_dir else None
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -197,8 +204,23 @@ class BiasFieldCorrectiond(MapTransform):
         if d.get("image_meta_dict", {}).get("ndim") != 3:
             return d
         for key in self.key_iterator(d):
-            d[key] = self.correct(np.asarray(d[key], dtype=np.float32))
+            d[key] = self.cached_correct(np.asarray(d[key], dtype=np.float32), str(d.get("case_id", "volume")))
         return d
+
+    def cached_correct(self, image: np.ndarray, case_id: str) -> np.ndarray:
+        """``correct``, through the cache when there is one: only the brain's voxels are stored."""
+        if self.cache_dir is None:
+            return self.correct(image)
+        entry = io.cache_file(self.cache_dir, case_id, [], [self.settings, "n4"], arrays=[image])
+        brain = background_foreground(image)
+        if entry.exists():
+            out = image.copy()
+            with np.load(entry) as cached:
+                out[:, brain] = cached["brain"]
+            return out
+        out = self.correct(image)
+        io.write_atomic(entry, lambda handle: np.savez_compressed(handle, brain=out[:, brain]))
+        return out
 
     def correct(self, image: np.ndarray) -> np.ndarray:
         """The corrected channel-first volume; voxels outside the brain are left as they are."""
@@ -231,6 +253,7 @@ def case_preprocessing(
     percentiles: Sequence[float] = (0.5, 99.5),
 ) -> list[Callable]:
     """The steps between reading a case and slicing it, in their one order: brain extraction, N4, normalisation.
+    ``brain_mask_cache`` keeps the HD-BET masks and the N4-corrected volumes.
 
     ``configs/train.json`` (the slice cache) and ``configs/inference.json`` (``preprocessing``) both build their
     steps here from the same config keys, so a model is always scored on what it was trained on.
@@ -239,7 +262,7 @@ def case_preprocessing(
     if brain_mask != "none":
         steps.append(BrainExtractiond(brain_mask, brain_mask_cache, spacing, axial_coverage_mm, device))
     if require_bool("bias_correction", bias_correction):
-        steps.append(BiasFieldCorrectiond("image"))
+        steps.append(BiasFieldCorrectiond("image", cache_dir=brain_mask_cache))
     if require_bool("normalize", normalize):
         steps.append(BrainPercentileNormalized("image", lower=percentiles[0], upper=percentiles[1]))
     return steps

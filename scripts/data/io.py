@@ -133,11 +133,16 @@ def save_png_atomic(array_uint8: np.ndarray, path: str | os.PathLike) -> None:
 # ---------------------------------------------------------------------------------------------------- atomic writes
 
 
-def cache_file(folder: str | os.PathLike, case_id: str, files: Sequence[str | os.PathLike], params: Any) -> Path:
-    """``<folder>/<case_id>_<digest>.npz``: the digest covers each file's content (its SHA-1; -1 for a missing one)
-    and ``params``, so an edited input or a changed setting makes a new entry, never a stale hit, while the same data
-    copied, moved or provisioned anew (new paths, new file times) keeps hitting: an HD-BET mask costs 15-400 s."""
-    stamp: list[Any] = [params, *(_content_digest(file) if os.path.exists(file) else -1 for file in files)]
+def cache_file(
+    folder: str | os.PathLike, case_id: str, files: Sequence[str | os.PathLike], params: Any,
+    arrays: Sequence[np.ndarray] = (),
+) -> Path:
+    """``<folder>/<case_id>_<digest>.npz``: the digest covers each file's content (its SHA-1; -1 for a missing one),
+    each of ``arrays`` (an in-memory input: its bytes, shape and type) and ``params``, so an edited input or a changed
+    setting makes a new entry, never a stale hit, while the same data copied, moved or provisioned anew (new paths,
+    new file times) keeps hitting: an HD-BET mask costs 15-400 s."""
+    stamp: list[Any] = [params, *(_content_digest(file) if os.path.exists(file) else -1 for file in files),
+                        *(_array_digest(array) for array in arrays)]
     digest = hashlib.sha1(json.dumps(stamp, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return Path(folder) / f"{case_id}_{digest}.npz"
 
@@ -146,6 +151,14 @@ def _content_digest(path: str | os.PathLike) -> str:
     """SHA-1 of a file's bytes (a compressed FLAIR volume takes a few ms)."""
     with open(path, "rb") as handle:
         return hashlib.file_digest(handle, "sha1").hexdigest()
+
+
+def _array_digest(array: np.ndarray) -> str:
+    """SHA-1 of an array's shape, type and bytes."""
+    array = np.ascontiguousarray(array)
+    digest = hashlib.sha1(f"{array.shape}{array.dtype.str}".encode())
+    digest.update(memoryview(array).cast("B"))
+    return digest.hexdigest()
 
 
 def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> None:
