@@ -144,7 +144,7 @@ def score(
                          "use 'squared', 'hyperintense', 'hypointense' or 'ssim'")
     parser["imports"] = [item for item in parser["imports"] if item.strip() != MODEL_IMPORT]
     parser["network"] = {"_target_": "scripts.export.load_exported", "path": str(model), "device": "@device"}
-    parser["network_def"] = parser["critic_def"] = parser["critic"] = None
+    parser["network_def"] = parser["critic_def"] = parser["critic_module"] = parser["critic"] = None
     for index, handler in enumerate(parser["handlers"]):
         if handler.get("_target_", "").endswith("CheckpointLoader") and "model" in handler.get("load_dict", {}):
             parser[f"handlers#{index}#_disabled_"] = True

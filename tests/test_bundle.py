@@ -168,6 +168,25 @@ def test_critic_and_normal_statistics_scoring_runs_through_the_same_workflow(tra
     assert len(rows) == len(datalist["testing"]) and all(np.isfinite(float(r["score"])) for r in rows)
 
 
+def test_critic_snapshots_survive_a_resume_and_inference_scores_with_their_ensemble(trained, tmp_path):
+    """``critic_snapshots``: training keeps the critic of the last validation epochs (also across a resume), and
+    the critic map of inference averages them."""
+    root, datalist = trained
+    args = ["--datalist", str(root / "datalist.json"), "--output_dir", str(tmp_path / "train"), "--ckpt_dir",
+            str(tmp_path / "models"), "--val_interval", "1", "--critic_def#channels", "8", "--critic_snapshots", "2"]
+    bundle("training", "train.json", *args, "--max_epochs", "2")
+    bundle("training", "train.json", *args, "--max_epochs", "3",
+           "--resume_from", str(tmp_path / "models" / "checkpoint_final.pt"))
+    assert torch.load(tmp_path / "models" / "critic_snapshots.pt", weights_only=True)["epochs"] == [2, 3]
+    out = tmp_path / "out"
+    result = bundle("run", "inference.json", "--datalist", str(root / "datalist.json"), "--output_dir", str(out),
+                    "--ckpt_path", str(tmp_path / "models" / "model.pt"), "--score_maps", "['critic']",
+                    "--overlay_slices", "0", "--critic_def#channels", "8")
+    assert "scoring with the critics of epochs [2, 3]" in result.stdout + result.stderr
+    rows = read_csv(out / "scores.csv")
+    assert len(rows) == len(datalist["testing"]) and all(np.isfinite(float(r["score"])) for r in rows)
+
+
 def test_one_corrupt_case_is_reported_and_the_others_are_scored(trained, tmp_path):
     root, datalist = trained
     data = tmp_path / "data"

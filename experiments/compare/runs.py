@@ -42,6 +42,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "patchgan_ssim": ("patchgan", {"score_maps": ["ssim"]}),
     "patchgan_critic": ("patchgan", {"score_maps": ["critic"]}),
+    "patchgan_single_critic": ("patchgan", {"critic_snapshots_path": ""}),
     "patchgan_feature": ("patchgan", {"score_maps": ["feature"]}),
     "patchgan_volume_z": ("patchgan", {"score_maps": ["squared"], "slice_standardisation": "volume"}),
     "patchgan_no_ranking_volume_z": (
@@ -80,6 +81,7 @@ DISPLAY = {
     "patchgan_squared": "Patch-GAN with targeted patch ranking, squared error map (the paper)",
     "patchgan_ssim": "Patch-GAN, ranking, SSIM map",
     "patchgan_critic": "Patch-GAN, ranking, critic map (1 - D)",
+    "patchgan_single_critic": "Patch-GAN, ranking, the critic of the best checkpoint only (no snapshot ensemble)",
     "patchgan_feature": "Patch-GAN, ranking, critic-feature map",
     "patchgan_volume_z": "Patch-GAN, ranking, squared error map, volume z",
     "patchgan_no_ranking_volume_z": "Patch-GAN, no ranking, squared error map, volume z",

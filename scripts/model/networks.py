@@ -77,3 +77,28 @@ def critic(in_channels: int = 1, channels: int = 64, num_layers: int = 3) -> nn.
         num_layers_d=num_layers,
         norm="INSTANCE",
     )
+
+
+class CriticEnsemble(nn.Module):
+    """Several critics judging as one: the mean of their ``1 - D`` (probability that a patch is fake), returned as the
+    logit of that mean so that it drops in wherever one critic's logits are used.
+
+    The members are the critic at several epochs of one training (``checkpoints.CriticSnapshots``): a PatchGAN critic
+    never converges, and its judgement of a given patch swings from one epoch to the next while the reconstruction
+    error stays flat; the mean over epochs keeps what they agree on. ``features`` stacks the members' feature maps
+    along the channels, so a feature distance is taken in their joint feature space.
+    """
+
+    def __init__(self, members: Sequence[nn.Module]) -> None:
+        super().__init__()
+        if not members:
+            raise ValueError("a critic ensemble needs at least one critic")
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fake = torch.stack([torch.sigmoid(-member(x).float()) for member in self.members]).mean(0)
+        return -torch.logit(fake, eps=1e-6)
+
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        per_member = [member.features(x) for member in self.members]
+        return [torch.cat(layer, dim=1) for layer in zip(*per_member)]

@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from scripts.data import io
+from scripts.model.checkpoints import critic_ensemble
 from scripts.scoring.inferer import CRITIC_MAPS, SCORE_MAPS, PatchRankingInferer
 
 
@@ -64,19 +65,22 @@ def save_normal_statistics(
     batch_size: int = 32,
     critic_weights: str | Path | None = None,
     names: Sequence[str] | None = None,
+    critic_snapshots: str | Path | None = None,
 ) -> dict[str, dict[str, torch.Tensor]]:
     """Fit the statistics of the maps ``names`` (default: every map the inferer can make) on a dataset of normal
     slice dicts (``image`` key) and save them atomically.
 
     ``weights`` (e.g. the best checkpoint ``model.pt``) is loaded into ``network`` first, and the ``critic`` of
-    ``critic_weights`` (``checkpoint_best.pt``) into the inferer's critic, so the statistics belong to the models
-    that inference will use.
+    ``critic_weights`` (``checkpoint_best.pt``) into the inferer's critic, or the ensemble of ``critic_snapshots``
+    when that file exists (as inference does), so the statistics belong to the models that inference will use.
     """
     if weights:
         network.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     if critic_weights and inferer.critic is not None:
         checkpoint = torch.load(critic_weights, map_location="cpu", weights_only=True)
         inferer.critic.load_state_dict(checkpoint["critic"])
+    if critic_snapshots and inferer.critic is not None:
+        inferer.critic = critic_ensemble(inferer.critic, critic_snapshots)
     device = next(network.parameters()).device
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
     stats = fit_normal_statistics(inferer, network, (batch["image"].to(device) for batch in loader), names)
