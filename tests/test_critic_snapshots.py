@@ -4,6 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from ignite.engine import Events
 from torch import nn
 
 from scripts.data.io import InputError
@@ -102,3 +103,15 @@ def test_a_new_training_removes_the_snapshots_an_earlier_run_left(tmp_path):
     CriticSnapshots(net, stale, count=2, interval=1).attach(engine)
     engine.run([0], max_epochs=3)
     assert torch.load(stale, weights_only=True)["epochs"] == [2, 3]
+
+
+def test_a_checkpoint_saved_before_the_snapshot_handler_still_holds_that_epochs_critic(tmp_path):
+    from ignite.engine import Engine
+
+    snapshots = CriticSnapshots(critic(in_channels=1, channels=4, num_layers=2), tmp_path / "s.pt", count=3, interval=2)
+    engine = Engine(lambda engine, batch: None)
+    saved = []
+    engine.add_event_handler(Events.EPOCH_COMPLETED(every=2), lambda e: saved.append(snapshots.state_dict()["epochs"]))
+    snapshots.attach(engine)  # after the "checkpoint saver", as in configs/train.json
+    engine.run([0], max_epochs=4)
+    assert saved == [[2], [2, 4]] and snapshots.state_dict()["epochs"] == [2, 4]

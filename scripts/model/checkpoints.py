@@ -83,9 +83,8 @@ class CriticSnapshots:
 
     Why: the critic's judgement swings from epoch to epoch (ISIC 2016, 64 px: lesion-vs-skin patch AUROC of single
     epochs' critics 0.80-0.95 in one training); ``critic_ensemble`` averages the snapshots' judgements. A state-dict
-    object: it travels in the training checkpoints, so a resumed run ends with the same snapshots. It is one of the
-    trainer's handlers (``train#handlers``), attached before the checkpoint saver, so that a checkpoint of epoch N
-    holds the snapshot of epoch N.
+    object: it travels in the training checkpoints, so a resumed run ends with the same snapshots; a checkpoint
+    written at a snapshot epoch holds that epoch's snapshot whichever handler runs first.
     """
 
     def __init__(self, critic: torch.nn.Module, path: str | os.PathLike, count: int, interval: int) -> None:
@@ -93,8 +92,10 @@ class CriticSnapshots:
             raise ValueError(f"critic snapshots: count must be >= 0 and interval >= 1, got {count} and {interval}")
         self.critic, self.path, self.count, self.interval = critic, Path(path), int(count), int(interval)
         self.snapshots: deque[tuple[int, dict[str, torch.Tensor]]] = deque(maxlen=max(self.count, 1))
+        self.engine: Engine | None = None
 
     def attach(self, engine: Engine) -> None:
+        self.engine = engine
         engine.add_event_handler(Events.STARTED, self.drop_stale)
         if self.count:
             engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self.take)
@@ -107,8 +108,11 @@ class CriticSnapshots:
         self.path.unlink(missing_ok=True)
 
     def take(self, engine: Engine) -> None:
+        epoch = int(engine.state.epoch)
+        if self.snapshots and self.snapshots[-1][0] == epoch:
+            return
         weights = {k: v.detach().to("cpu", copy=True) for k, v in self.critic.state_dict().items()}
-        self.snapshots.append((int(engine.state.epoch), weights))
+        self.snapshots.append((epoch, weights))
 
     def save(self, engine: Engine | None = None) -> None:
         if self.snapshots:
@@ -116,6 +120,9 @@ class CriticSnapshots:
             logger.info("critic snapshots of epochs %s in %s", [e for e, _ in self.snapshots], self.path)
 
     def state_dict(self) -> dict[str, Any]:
+        engine = self.engine
+        if self.count and engine is not None and engine.state.epoch and engine.state.epoch % self.interval == 0:
+            self.take(engine)  # a checkpoint saver that runs before ``take`` at a snapshot epoch still gets it
         return {"epochs": [e for e, _ in self.snapshots], "critics": [w for _, w in self.snapshots]}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
