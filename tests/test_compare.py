@@ -247,3 +247,8 @@ def test_a_training_only_key_in_what_reaches_inference_is_refused_in_words(tmp_p
     value = str(overlay) if flag == "--config" else "train#checkpoint#n_saved=5"
     with pytest.raises(SystemExit, match=r"train#checkpoint#n_saved would reach inference.*--train-config"):
         main(["--dataset", str(tmp_path), "--output", str(tmp_path / "out"), flag, value])
+
+
+def test_an_unreadable_config_overlay_is_refused_naming_it(tmp_path):
+    with pytest.raises(SystemExit, match=r"--config .*missing.json: not a readable JSON config"):
+        main(["--dataset", str(tmp_path), "--output", str(tmp_path / "out"), "--config", str(tmp_path / "missing.json")])

@@ -81,6 +81,10 @@ def test_a_bad_snapshots_file_is_refused_naming_it(tmp_path):
     text.write_text("not weights")
     with pytest.raises(InputError, match="critic_snapshots.pt: not a critic snapshots file"):
         critic_ensemble(critic(in_channels=1, channels=4, num_layers=2), text)
+    no_snapshots = tmp_path / "weights.pt"
+    torch.save({"critic": {}}, no_snapshots)
+    with pytest.raises(InputError, match="weights.pt: not a critic snapshots file"):
+        critic_ensemble(critic(in_channels=1, channels=4, num_layers=2), no_snapshots)
     other = tmp_path / "other" / "critic_snapshots.pt"
     snapshots = CriticSnapshots(critic(in_channels=1, channels=8, num_layers=2), other, count=1, interval=1)
     snapshots.take(_engine(1))

@@ -181,7 +181,12 @@ def _check_inference_reach(overlays: Sequence[str], overrides: dict[str, Any]) -
     (``train#...``): both are merged onto every inference run too, where MONAI would stop each one with "By 'train',
     did you mean 'run'?". Training-only settings belong in ``--train-config``."""
     inference = json.loads((CONFIGS / "inference.json").read_text())
-    sources = [(f"--config {path}", json.loads(Path(path).read_text())) for path in overlays]
+    sources = []
+    for path in overlays:
+        try:
+            sources.append((f"--config {path}", json.loads(Path(path).read_text())))
+        except (OSError, ValueError) as error:
+            raise SystemExit(f"--config {path}: not a readable JSON config ({type(error).__name__}: {error})") from error
     sources.append(("--override", overrides))
     for source, content in sources:
         foreign = sorted(key for key in content if "#" in key and key.split("#")[0] not in inference)

@@ -147,9 +147,9 @@ def critic_ensemble(critic: torch.nn.Module, snapshots_path: str | os.PathLike) 
             member = copy.deepcopy(critic)
             member.load_state_dict(weights)
             members.append(member.eval())
-    except (RuntimeError, KeyError, TypeError) as error:
+    except RuntimeError as error:  # weights of another critic: which parameters differ, and which ids set them
         raise InputError(f"{path}: {_load_problem(error, {'critics': None})}") from error
-    except Exception as error:
+    except Exception as error:  # a text file, a truncated file, a torch file without snapshots
         raise InputError(f"{path}: not a critic snapshots file ({type(error).__name__}: {error})") from error
     logger.info("scoring with the critics of epochs %s (%s)", list(state.get("epochs", [])), path)
     return CriticEnsemble(members)
