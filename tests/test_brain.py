@@ -198,7 +198,7 @@ def test_n4_is_computed_once_per_volume_and_reused_from_its_cache(tmp_path, monk
     first = n4(item)["image"]
     assert len(list(tmp_path.glob("p1_*.npz"))) == 1
 
-    def fail(image):
+    def fail(image, brain=None):
         raise AssertionError("N4 ran again on a cached volume")
 
     monkeypatch.setattr(n4, "correct", fail)

@@ -170,7 +170,7 @@ def test_critic_and_normal_statistics_scoring_runs_through_the_same_workflow(tra
 
 def test_critic_snapshots_survive_a_resume_and_inference_scores_with_their_ensemble(trained, tmp_path):
     """``critic_snapshots``: training keeps the critic of the last validation epochs (also across a resume), and
-    the critic map of inference averages them."""
+    the critic map of inference averages them (``checkpoint_best.pt``, the single critic's file, is then not needed)."""
     root, datalist = trained
     args = ["--datalist", str(root / "datalist.json"), "--output_dir", str(tmp_path / "train"), "--ckpt_dir",
             str(tmp_path / "models"), "--val_interval", "1", "--critic_def#channels", "8", "--critic_snapshots", "2"]
@@ -178,6 +178,7 @@ def test_critic_snapshots_survive_a_resume_and_inference_scores_with_their_ensem
     bundle("training", "train.json", *args, "--max_epochs", "3",
            "--resume_from", str(tmp_path / "models" / "checkpoint_final.pt"))
     assert torch.load(tmp_path / "models" / "critic_snapshots.pt", weights_only=True)["epochs"] == [2, 3]
+    (tmp_path / "models" / "checkpoint_best.pt").unlink()  # the snapshots stand in for the best checkpoint's critic
     out = tmp_path / "out"
     result = bundle("run", "inference.json", "--datalist", str(root / "datalist.json"), "--output_dir", str(out),
                     "--ckpt_path", str(tmp_path / "models" / "model.pt"), "--score_maps", "['critic']",

@@ -218,15 +218,16 @@ class BiasFieldCorrectiond(MapTransform):
             with np.load(entry) as cached:
                 out[:, brain] = cached["brain"]
             return out
-        out = self.correct(image)
+        out = self.correct(image, brain)
         io.write_atomic(entry, lambda handle: np.savez_compressed(handle, brain=out[:, brain]))
         return out
 
-    def correct(self, image: np.ndarray) -> np.ndarray:
-        """The corrected channel-first volume; voxels outside the brain are left as they are."""
+    def correct(self, image: np.ndarray, brain: np.ndarray | None = None) -> np.ndarray:
+        """The corrected channel-first volume; voxels outside the brain (``brain``: its foreground, computed when not
+        given) are left as they are."""
         import SimpleITK as sitk
 
-        brain = background_foreground(image)
+        brain = background_foreground(image) if brain is None else brain
         shift = max(0.0, 1.0 - float(image[:, brain].min()))  # only z-scored input needs lifting
         out = image.copy()
         for c, channel in enumerate(image):
