@@ -17,7 +17,7 @@ import torch.nn.functional as F
 def pixel_errors(image: torch.Tensor, recon: torch.Tensor, region: torch.Tensor | None = None) -> torch.Tensor:
     """Squared reconstruction error averaged over channels, ``(N, 1, H, W)``; zero outside ``region``."""
     err = (image.float() - recon.float()).pow(2).mean(dim=1, keepdim=True)
-    return err if region is None else err * region.float()
+    return _within(err, region)
 
 
 def one_sided_errors(
@@ -33,7 +33,7 @@ def one_sided_errors(
     """
     difference = image.float() - recon.float() if brighter else recon.float() - image.float()
     err = difference.clamp_min(0).pow(2).mean(dim=1, keepdim=True)
-    return err if region is None else err * region.float()
+    return _within(err, region)
 
 
 def ssim_error_map(image: torch.Tensor, recon: torch.Tensor, region: torch.Tensor | None = None, kernel: int = 7) -> torch.Tensor:
@@ -50,7 +50,7 @@ def ssim_error_map(image: torch.Tensor, recon: torch.Tensor, region: torch.Tenso
     )
     pad = kernel // 2
     err = F.pad(1 - ssim.mean(dim=1, keepdim=True), (pad, pad, pad, pad), mode="replicate")
-    return err if region is None else err * region.float()
+    return _within(err, region)
 
 
 def critic_map(logits: torch.Tensor, size: tuple[int, int], region: torch.Tensor | None = None) -> torch.Tensor:
@@ -58,7 +58,7 @@ def critic_map(logits: torch.Tensor, size: tuple[int, int], region: torch.Tensor
     is fake (as ALOCC's ``1 - D`` novelty score), in [0, 1] so that zero outside ``region`` means "surely real";
     brought to ``size`` bilinearly: ``(N, 1, h, w) -> (N, 1, H, W)``."""
     out = torch.sigmoid(F.interpolate(-logits.float(), size=size, mode="bilinear", align_corners=False))
-    return out if region is None else out * region.float()
+    return _within(out, region)
 
 
 def feature_distance_map(
@@ -81,7 +81,12 @@ def feature_distance_map(
         distance = (F.normalize(a.float(), dim=1) - F.normalize(b.float(), dim=1)).pow(2).sum(1, keepdim=True)
         maps.append(F.interpolate(distance, size=size, mode="bilinear", align_corners=False))
     out = torch.stack(maps).mean(0)
-    return out if region is None else out * region.float()
+    return _within(out, region)
+
+
+def _within(error_map: torch.Tensor, region: torch.Tensor | None) -> torch.Tensor:
+    """``error_map`` with zero outside ``region`` (every map's rule: outside the foreground nothing is anomalous)."""
+    return error_map if region is None else error_map * region.float()
 
 
 def standardise(error_map: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
