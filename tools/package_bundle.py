@@ -5,10 +5,11 @@ The name and version come from ``configs/metadata.json``. The zip holds ``config
 ``configs/metadata.json``, never a link), ``README.md`` and ``requirements.txt``.
 
 ``models/`` receives the files found in the bundle's ``models/`` folder (``model.pt``, the reconstructor that
-``configs/inference.json`` loads; ``checkpoint_best.pt``, read for the critic score map; ``critic_snapshots.pt``,
-the critics that map averages when training kept them; ``normal_stats.pt``) except the checkpoints that only
-resume training (``checkpoint_final.pt`` and the periodic ``*epoch=*`` / ``*iteration=*`` saves: pass one with
-``--weights`` to ship it anyway), and every ``--weights`` file, which replaces a file of the same name. ``--require-weights`` fails unless ``models/model.pt`` is packaged. A model
+``configs/inference.json`` loads; ``checkpoint_best.pt``, read for the critic score map when training kept no
+snapshots; ``critic_snapshots.pt``, the critics that map averages when it did; ``normal_stats.pt``) except the
+checkpoints that only resume training (``checkpoint_final.pt`` and the periodic ``*epoch=*`` / ``*iteration=*``
+saves: pass one with ``--weights`` to ship it anyway), and every ``--weights`` file, which replaces a file of the
+same name. ``--require-weights`` fails unless ``models/model.pt`` is packaged. A model
 file over the size limit (25 MiB by default) is not stored in the zip; it is listed instead in
 ``large_files.yml`` (``path``, ``url``, ``hash_val``, ``hash_type``: sha256), the model-zoo convention, so that
 it can be hosted elsewhere and fetched on download. ``--large-file-url-base`` is the folder URL that the files

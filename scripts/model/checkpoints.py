@@ -130,6 +130,12 @@ class CriticSnapshots:
         self.snapshots.extend(zip(state["epochs"], state["critics"]))
 
 
+def has_critic_snapshots(snapshots_path: str | os.PathLike | None) -> bool:
+    """Whether ``snapshots_path`` names a snapshots file: then the critic maps score with their ensemble
+    (``critic_ensemble``) and the single critic of ``checkpoint_best.pt`` is not read."""
+    return bool(snapshots_path) and Path(snapshots_path).is_file()
+
+
 def critic_ensemble(critic: torch.nn.Module, snapshots_path: str | os.PathLike) -> torch.nn.Module:
     """The critic to score with: a ``CriticEnsemble`` of the snapshots in ``snapshots_path`` (``CriticSnapshots``)
     when that file exists, else ``critic`` itself (loaded elsewhere, from ``checkpoint_best.pt``).
@@ -137,9 +143,9 @@ def critic_ensemble(critic: torch.nn.Module, snapshots_path: str | os.PathLike) 
     Each member is a copy of ``critic`` (same architecture and device) holding one snapshot's weights; a file that
     is not a snapshot file, or whose weights do not fit the configured critic, is refused naming the file.
     """
-    path = Path(snapshots_path) if snapshots_path else None
-    if path is None or not path.is_file():
+    if not has_critic_snapshots(snapshots_path):
         return critic
+    path = Path(snapshots_path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         members = []

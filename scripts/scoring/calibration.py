@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from scripts.data import io
-from scripts.model.checkpoints import critic_ensemble
+from scripts.model.checkpoints import critic_ensemble, has_critic_snapshots
 from scripts.scoring.inferer import CRITIC_MAPS, SCORE_MAPS, PatchRankingInferer
 
 
@@ -76,11 +76,11 @@ def save_normal_statistics(
     """
     if weights:
         network.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    if critic_weights and inferer.critic is not None:
+    if inferer.critic is not None and has_critic_snapshots(critic_snapshots):
+        inferer.critic = critic_ensemble(inferer.critic, critic_snapshots)
+    elif inferer.critic is not None and critic_weights:
         checkpoint = torch.load(critic_weights, map_location="cpu", weights_only=True)
         inferer.critic.load_state_dict(checkpoint["critic"])
-    if critic_snapshots and inferer.critic is not None:
-        inferer.critic = critic_ensemble(inferer.critic, critic_snapshots)
     device = next(network.parameters()).device
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
     stats = fit_normal_statistics(inferer, network, (batch["image"].to(device) for batch in loader), names)
