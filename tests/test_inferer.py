@@ -109,6 +109,26 @@ def test_normal_statistics_turn_errors_into_z_maps():
     assert scores.patch_errors[1].argmax().item() == 5  # the bright patch (row 1, column 1) tops the grid
 
 
+def test_saving_normal_statistics_leaves_the_training_models_and_inferer_as_they_were(tmp_path):
+    from scripts.model.networks import critic as make_critic
+    from scripts.scoring.calibration import save_normal_statistics
+
+    torch.manual_seed(0)
+    network, critic = torch.nn.Conv2d(1, 1, 3, padding=1), make_critic(channels=4, num_layers=2)
+    torch.save(torch.nn.Conv2d(1, 1, 3, padding=1).state_dict(), tmp_path / "model.pt")
+    torch.save({"critic": make_critic(channels=4, num_layers=2).state_dict()}, tmp_path / "checkpoint_best.pt")
+    inferer = PatchRankingInferer(image_size=16, patch_size=4, test_input="image", foreground="all",
+                                  score_maps=("critic",), critic=critic)
+    before = [{k: v.clone() for k, v in m.state_dict().items()} for m in (network, critic)]
+    dataset = [{"image": torch.rand(1, 16, 16)} for _ in range(4)]
+    stats = save_normal_statistics(tmp_path / "stats.pt", inferer, network, dataset, tmp_path / "model.pt",
+                                   critic_weights=tmp_path / "checkpoint_best.pt", names=["squared", "critic"])
+    assert set(stats) == {"squared", "critic"} and (tmp_path / "stats.pt").is_file()
+    assert inferer.critic is critic
+    for module, weights in zip((network, critic), before):
+        assert all(torch.equal(module.state_dict()[k], v) for k, v in weights.items())
+
+
 def test_the_critic_map_scores_what_the_critic_finds_unreal():
     class BrightIsFake(torch.nn.Module):
         def forward(self, x):

@@ -8,6 +8,7 @@ validation patients only (no anomaly label is used) and are written next to the 
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -70,16 +71,20 @@ def save_normal_statistics(
     """Fit the statistics of the maps ``names`` (default: every map the inferer can make) on a dataset of normal
     slice dicts (``image`` key) and save them atomically.
 
-    ``weights`` (e.g. the best checkpoint ``model.pt``) is loaded into ``network`` first, and the ``critic`` of
-    ``critic_weights`` (``checkpoint_best.pt``) into the inferer's critic, or the ensemble of ``critic_snapshots``
-    when that file exists (as inference does), so the statistics belong to the models that inference will use.
+    ``weights`` (e.g. the best checkpoint ``model.pt``) is loaded into a copy of ``network``, and the ``critic`` of
+    ``critic_weights`` (``checkpoint_best.pt``) into a copy of the inferer's critic, or the ensemble of
+    ``critic_snapshots`` when that file exists (as inference does), so the statistics belong to the models that
+    inference will use. The models and inferer passed in (the training's own) are left as they are.
     """
     if weights:
+        network = copy.deepcopy(network)
         network.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    inferer = copy.copy(inferer)
     if inferer.critic is not None and has_critic_snapshots(critic_snapshots):
         inferer.critic = critic_ensemble(inferer.critic, critic_snapshots)
     elif inferer.critic is not None and critic_weights:
         checkpoint = torch.load(critic_weights, map_location="cpu", weights_only=True)
+        inferer.critic = copy.deepcopy(inferer.critic)
         inferer.critic.load_state_dict(checkpoint["critic"])
     device = next(network.parameters()).device
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
