@@ -86,9 +86,9 @@ def _stats(values: Sequence[Any]) -> dict[str, Any]:
 
 def markdown(summary: dict[str, dict[str, Any]], title: str) -> str:
     """A table of mean +/- std over folds per method, per-fold AUCs alongside."""
-    lines = [f"# {title}", "", "Mean +/- std over patient folds; sensitivity and specificity at the 95th percentile "
-             "of each fold's normal validation scores; validation AUROC is measured on the validation patients "
-             "(the only figure allowed to choose a variant).", "",
+    lines = [f"# {title}", "", "Mean +/- std over patient folds; sensitivity and specificity at each fold's "
+             "threshold from its normal validation scores (scripts.evaluation's threshold_rule); validation AUROC is "
+             "measured on the validation patients (the only figure allowed to choose a variant).", "",
              "| method | AUROC | AP | sens@thr | spec@thr | validation AUROC | pixel AUROC | per-fold AUROC |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for method, entry in summary.items():

@@ -67,6 +67,7 @@ def test_compare_trains_every_method_and_writes_the_comparison(tmp_path):
     table = (out / "comparison.md").read_text()
     assert "| Method | AUC | AP |" in table and "±" in table and "Failures" not in table
     assert "Operating point on held-out patients" in table and "Validation AUC" in table and "AUC beyond level" in table
+    assert "cross-fitted over the validation patients" in table
     assert all(f"`{method}`" in table for method in REQUIRED)
     for name in ("roc.png", "score_distribution.png"):
         assert (out / name).stat().st_size > 10_000
@@ -91,8 +92,11 @@ def test_compare_trains_on_one_folder_and_tests_on_another(tmp_path):
         case.rename(case.with_name(case.name.replace("SYN", "SITEB")))
     out = tmp_path / "out"
     main(["--train", str(tmp_path / "a"), "--test", str(tmp_path / "b"), "--output", str(out),
-                  "--methods", "patchgan_ranking,ocsvm", *TINY])
+                  "--methods", "patchgan_ranking,ocsvm", "--threshold-rule", "quantile", *TINY])
     data = json.loads((out / "comparison.json").read_text())
+    assert "the 0.95 quantile of the normal validation scores" in (out / "comparison.md").read_text()
+    metrics = json.loads((out / "fold_0" / "evaluation" / "metrics.json").read_text())
+    assert metrics["ocsvm"]["threshold_rule"] == "quantile" and metrics["ocsvm"]["threshold_level"] == 0.95
     assert {"patchgan_ranking", "ocsvm", "trivial_intensity"} <= set(data)
     assert data["ocsvm"]["n_folds"] == 1 and data["ocsvm"]["auc_std"] is None  # one split: no spread
     datalist = json.loads((out / "fold_0" / "datalist.json").read_text())

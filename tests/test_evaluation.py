@@ -15,6 +15,7 @@ from scripts.evaluation.__main__ import main
 from scripts.evaluation.evaluate import evaluate
 from scripts.evaluation.metrics import (
     best_dice,
+    cross_fitted_level,
     detection_metrics,
     operating_point,
     pixel_metrics,
@@ -63,6 +64,37 @@ def test_detection_metrics_nan_with_a_warning_when_one_class_is_missing(caplog):
     assert math.isnan(out["auc"]) and math.isnan(out["ap"])
     assert (out["n_normal"], out["n_abnormal"]) == (3, 0)
     assert "undefined" in caplog.text
+
+
+def test_cross_fitted_level_is_the_smallest_level_whose_left_out_specificity_reaches_the_target():
+    # patient a: 0 1 2 3, patient b: 1 2 3 4, target specificity 0.75 (6 of the 8 left-out slices at or below).
+    # Leaving a out, the threshold is b's quantile 1 + 3L; leaving b out, a's quantile 3L. At L = 2/3: all 4 of a
+    # (<= 3) and 2 of b (<= 2) are kept, 6 of 8; just below 2/3, 3 + 1. The plain quantile level would be 0.75.
+    scores, groups = np.array([0, 1, 2, 3, 1, 2, 3, 4.0]), np.array(["a"] * 4 + ["b"] * 4)
+    assert cross_fitted_level(scores, groups, fpr=0.25) == pytest.approx(2 / 3, abs=1e-3)
+    assert cross_fitted_level(scores, np.array(["a"] * 8), fpr=0.25) == 0.75  # one patient: nothing to leave out
+    # a patient whose normal slices all lie above the others' maximum: no level reaches the target, the maximum it is
+    assert cross_fitted_level([0, 1, 10, 11], ["a", "a", "b", "b"], fpr=0.05) == 1.0
+    with pytest.raises(ValueError, match="groups"):
+        cross_fitted_level([0, 1, 2], ["a", "b"], fpr=0.05)
+
+
+def test_cross_fitted_threshold_holds_on_new_patients_where_the_plain_quantile_does_not():
+    rng = np.random.default_rng(0)
+
+    def patients(n):  # each patient's normal slices shifted by its own offset (scanner, head, shading)
+        offsets = rng.normal(0, 1, n)
+        return np.concatenate([rng.normal(o, 0.5, 25) for o in offsets]), np.repeat(np.arange(n).astype(str), 25)
+
+    plain, crossed = [], []
+    for _ in range(40):
+        validation, groups = patients(11)
+        new, _ = patients(11)
+        level = cross_fitted_level(validation, groups, fpr=0.05)
+        plain.append(np.mean(new <= threshold_from_normal(validation, 0.05)))
+        crossed.append(np.mean(new <= threshold_from_normal(validation, 0.05, level)))
+    assert np.mean(plain) < 0.94  # 11 patients' 95th percentile is optimistic for new patients
+    assert abs(np.mean(crossed) - 0.95) < abs(np.mean(plain) - 0.95)
 
 
 def test_threshold_uses_normal_scores_only_and_gives_the_target_specificity():
@@ -159,6 +191,20 @@ def assert_png(path):
         assert image.format == "PNG" and min(image.size) > 300
 
 
+def test_the_plain_quantile_rule_is_there_from_the_command_line(tmp_path):
+    rng = np.random.default_rng(5)
+    fake_run(tmp_path / "test", rng)
+    fake_run(tmp_path / "val", rng, n_normal=40, n_abnormal=0)
+    results = main(["--output-dir", str(tmp_path / "test"), "--validation-output-dir", str(tmp_path / "val"),
+                    "--threshold-rule", "quantile"])
+    _, val = read_scores(tmp_path / "val")
+    assert results["model"]["threshold"] == pytest.approx(threshold_from_normal(val["score"][val["label"] == 0], 0.05))
+    assert results["model"]["threshold_level"] == 0.95
+    assert "the 0.95 quantile of the normal validation scores" in (tmp_path / "test" / "metrics.md").read_text()
+    with pytest.raises(ValueError, match="threshold_rule"):
+        evaluate(tmp_path / "test", validation_output_dir=tmp_path / "val", threshold_rule="percentile")
+
+
 def test_evaluate_writes_metrics_and_plots(tmp_path):
     rng = np.random.default_rng(5)
     labels, scores = fake_run(tmp_path / "test", rng)
@@ -179,7 +225,10 @@ def test_evaluate_writes_metrics_and_plots(tmp_path):
     assert model["auc"] == pytest.approx(roc_auc_score(labels, scores))
     assert (model["n_normal"], model["n_abnormal"]) == (30, 20)
     _, val = read_scores(tmp_path / "val")
-    expected = threshold_from_normal(val["score"][val["label"] == 0], 0.05)
+    normal = val["label"] == 0
+    level = cross_fitted_level(val["score"][normal], val["case_id"][normal], 0.05)
+    expected = threshold_from_normal(val["score"][normal], 0.05, level)
+    assert model["threshold_level"] == level and model["threshold_rule"] == "cross_fitted"
     assert model["threshold"] == pytest.approx(expected)
     assert model["specificity"] == pytest.approx(np.mean(scores[labels == 0] <= expected))
     assert model["case"]["n_normal"] == 2 and model["case"]["n_abnormal"] == 2

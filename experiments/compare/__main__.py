@@ -55,6 +55,7 @@ from experiments.compare.runs import (
 )
 from scripts.config import bundle_parser, parse_override
 from scripts.data.io import write_json, write_text
+from scripts.evaluation.metrics import THRESHOLD_RULES
 from scripts.evaluation.patch_protocol import PatchProtocol
 from scripts.evaluation.plots import plot_roc, plot_score_distribution
 from scripts.evaluation.report import json_safe
@@ -88,6 +89,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; 1 is faster on a busy CPU)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fpr", type=float, default=0.05, help="target false positive rate of the threshold")
+    parser.add_argument("--threshold-rule", choices=THRESHOLD_RULES, default="cross_fitted",
+                        help="how the threshold's quantile level is set from the normal validation scores: "
+                        "cross_fitted over the validation patients (default) or the plain 1 - fpr quantile")
     parser.add_argument("--normal-stats", action="store_true",
                         help="Patch-GAN methods score z-maps against the normal statistics their training fitted")
     parser.add_argument("--override", action="append", default=[], metavar="ID=VALUE",
@@ -136,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
         val_interval=args.val_interval, batch_size=args.batch_size or small.get("batch_size"),
         channels=[int(c) for c in args.channels.split(",")] if args.channels else small.get("channels"),
         num_res_units=small.get("num_res_units"), learning_rate=small.get("learning_rate"),
-        num_workers=args.num_workers, seed=args.seed, fpr=args.fpr, normal_stats=args.normal_stats,
+        num_workers=args.num_workers, seed=args.seed, fpr=args.fpr, threshold_rule=args.threshold_rule, normal_stats=args.normal_stats,
         overrides=overrides,
         extra_configs=["dermoscopy.json"] if described["layout"] == "images" else [],
         overlay_configs=[str(Path(c).resolve()) for c in args.config],

@@ -13,7 +13,7 @@ import numpy as np
 from experiments.compare.runs import DISPLAY, METRICS, TABLE_ORDER, TRIVIAL, Settings
 from scripts.evaluation.evaluate import read_tables
 from scripts.evaluation.patch_protocol import PatchProtocol
-from scripts.evaluation.report import json_safe
+from scripts.evaluation.report import THRESHOLD_TEXT, json_safe
 from scripts.outputs.formats import Columns
 from scripts.scoring.references import LESION_REFERENCES
 
@@ -80,9 +80,9 @@ def comparison_markdown(summary: Mapping[str, Mapping[str, Any]], described: Map
         f"Data: `{source}` ({described.get('n_cases')} cases, layout {described.get('layout')}); "
         f"{len(folds)} fold(s) split by case; {spread}.",
         "In each fold the methods train on the same normal training slices; the validation cases' normal slices "
-        "select the checkpoint and set the threshold (the "
-        f"{100 * (1 - settings.fpr):g}th percentile of their scores, target false positive rate {settings.fpr:g}); "
-        "no setting was chosen on test labels.",
+        "select the checkpoint and set the threshold (target false positive rate "
+        f"{settings.fpr:g}: " + THRESHOLD_TEXT[settings.threshold_rule].format(1 - settings.fpr) + "); no setting "
+        "was chosen on test labels.",
         *(["", f"Patch level: a {patches.grid}x{patches.grid} grid of patches per slice (the scoring patches); normal "
             f"= at least {patches.brain_fraction:g} foreground and no lesion pixel, abnormal = at least "
             f"{patches.brain_fraction:g} foreground and {patches.lesion_fraction:g} lesion; test sets balanced by a "

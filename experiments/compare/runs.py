@@ -120,6 +120,7 @@ class Settings:
     num_workers: int = 0
     seed: int = 0
     fpr: float = 0.05
+    threshold_rule: str = "cross_fitted"
     normal_stats: bool = False
     overrides: dict[str, Any] = field(default_factory=dict)
     extra_configs: list[str] = field(default_factory=list)
@@ -264,7 +265,7 @@ def run_folds(folds: Sequence[Fold], methods: Sequence[str], settings: Settings,
             bar.set_postfix_str(f"{fold.name}: evaluating")
             try:
                 with _Timed(f"{fold.name}: evaluation"):
-                    results = evaluate_fold(fold, done, settings.fpr, patches) if done else None
+                    results = evaluate_fold(fold, done, settings, patches) if done else None
                 if results:
                     per_fold[fold.name] = results
             except Exception as error:
@@ -273,13 +274,14 @@ def run_folds(folds: Sequence[Fold], methods: Sequence[str], settings: Settings,
     return per_fold, failures
 
 
-def evaluate_fold(fold: Fold, done: Mapping[str, Path], fpr: float, patches: PatchProtocol | None) -> dict[str, Any]:
+def evaluate_fold(fold: Fold, done: Mapping[str, Path], settings: Settings, patches: PatchProtocol | None) -> dict[str, Any]:
     """``scripts.evaluation.evaluate`` of the fold's methods (thresholds from their validation outputs) into
     ``<fold>/evaluation``; with ``patches`` also the patch level into ``<fold>/patch`` and
     ``<fold>/evaluation_patch``, whose results are returned."""
     results = evaluate(next(iter(done.values())), eval_dir=fold.folder / "evaluation", methods=dict(done),
                        validation_output_dir={m: d / "validation" for m, d in done.items()},
-                       datalist=load_datalist(fold.datalist, "testing"), fpr=fpr)
+                       datalist=load_datalist(fold.datalist, "testing"), fpr=settings.fpr,
+                       threshold_rule=settings.threshold_rule)
     if patches is None:
         return results
     tested, validated = load_datalist(fold.datalist, "testing"), load_datalist(fold.datalist, "validation")
@@ -295,7 +297,8 @@ def evaluate_fold(fold: Fold, done: Mapping[str, Path], fpr: float, patches: Pat
         raise RuntimeError("no method wrote heatmaps for the patch level (do the cases have lesion masks?)")
     return evaluate(next(iter(patch_dirs.values())), eval_dir=fold.folder / "evaluation_patch", methods=patch_dirs,
                     validation_output_dir={m: d / "validation" for m, d in patch_dirs.items()
-                                           if (d / "validation" / "slice_scores.csv").is_file()}, fpr=fpr)
+                                           if (d / "validation" / "slice_scores.csv").is_file()},
+                    fpr=settings.fpr, threshold_rule=settings.threshold_rule)
 
 
 class _Timed:

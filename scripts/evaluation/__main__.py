@@ -9,7 +9,7 @@ from typing import Any
 
 from scripts.data.datalist import load_datalist
 from scripts.evaluation.evaluate import DEFAULT_METHOD, LEVELS, evaluate
-from scripts.evaluation.metrics import MAX_PIXELS
+from scripts.evaluation.metrics import MAX_PIXELS, THRESHOLD_RULES
 
 
 def _name_dir(text: str) -> tuple[str, str]:
@@ -30,6 +30,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="validation inference output (thresholds): DIR for the first method, or NAME=DIR "
                         "per method (repeatable)")
     parser.add_argument("--fpr", type=float, default=0.05, help="target false positive rate on normal validation cases")
+    parser.add_argument("--threshold-rule", choices=THRESHOLD_RULES, default="cross_fitted",
+                        help="cross_fitted: the quantile level cross-fitted over the validation patients (default); "
+                        "quantile: the plain 1 - fpr quantile")
     parser.add_argument("--level", choices=LEVELS, default="slice",
                         help="slice (slice_scores.csv) or case (scores.csv)")
     parser.add_argument("--datalist", help="datalist JSON with lesion masks: enables pixel metrics on the heatmaps")
@@ -69,11 +72,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
         datalist=load_datalist(args.datalist, args.split) if args.datalist else None,
         fpr=args.fpr,
         max_pixels=args.max_pixels,
+        threshold_rule=args.threshold_rule,
     )
-
-
-if __name__ == "__main__":
-    main()
 
 
 if __name__ == "__main__":

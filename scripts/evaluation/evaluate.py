@@ -7,7 +7,10 @@ and ``score_distribution.png``, each atomically.
 Choices that matter for honest numbers:
 
 * The operating threshold comes from NORMAL VALIDATION scores only: an unsupervised detector has no abnormal
-  examples to tune on, and tuning on the test set would inflate sensitivity and specificity.
+  examples to tune on, and tuning on the test set would inflate sensitivity and specificity. By default
+  (``threshold_rule="cross_fitted"``) its quantile level is cross-fitted over the validation patients
+  (``metrics.cross_fitted_level``), so that the target specificity holds on patients the threshold has not seen;
+  ``"quantile"`` is the plain ``1 - fpr`` quantile.
 * The trivial reference scores in ``slice_scores.csv`` (``trivial_*`` columns: brightest foreground intensity,
   axial position, darkness), and the brightest intensity z-scored within each volume (the floors of scores with
   ``slice_standardisation: "volume"`` or ``"volume_lower_half"``), are evaluated as methods of their own, so that a
@@ -18,8 +21,8 @@ Choices that matter for honest numbers:
   seeded uniform subsample is used so memory stays bounded and results are reproducible.
 
 Command line (``scripts/evaluation/__main__.py``): ``python -m scripts.evaluation --output-dir DIR [--eval-dir DIR]
-[--validation-output-dir DIR] [--method NAME=DIR ...] [--fpr 0.05] [--level slice|case] [--datalist JSON
-[--split testing]]``.
+[--validation-output-dir DIR] [--method NAME=DIR ...] [--fpr 0.05] [--threshold-rule cross_fitted|quantile]
+[--level slice|case] [--datalist JSON [--split testing]]``.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import nibabel as nib
 import numpy as np
@@ -39,8 +42,10 @@ from scripts.data.io import read_mask, read_mask_2d, read_volume
 from scripts.data.rules import background_foreground, is_2d_image, relative_levels
 from scripts.evaluation.metrics import (
     MAX_PIXELS,
+    THRESHOLD_RULES,
     Series,
     clustered_rate_ci,
+    cross_fitted_level,
     detection_metrics,
     level_adjusted_auc,
     level_dependence,
@@ -64,6 +69,14 @@ SCORE_FILES = {"case": formats.SCORES, "slice": formats.SLICE_SCORES}
 OUTPUT_FILES = ("metrics.json", "metrics.md", "roc.png", "score_distribution.png")
 
 
+class Rows(NamedTuple):
+    """The labelled, scored rows of one method: 0/1 labels, scores and the case (patient) of each row."""
+
+    labels: np.ndarray
+    scores: np.ndarray
+    case_ids: np.ndarray
+
+
 def evaluate(
     output_dir: str | os.PathLike,
     eval_dir: str | os.PathLike | None = None,
@@ -73,6 +86,7 @@ def evaluate(
     datalist: Sequence[Mapping[str, Any]] | None = None,
     fpr: float = 0.05,
     max_pixels: int = MAX_PIXELS,
+    threshold_rule: str = "cross_fitted",
 ) -> dict[str, dict[str, Any]]:
     """Evaluate one or several inference output folders and write the results into ``eval_dir``.
 
@@ -89,27 +103,33 @@ def evaluate(
         datalist: items with ``case_id``, ``image`` and ``seg`` paths; enables pixel metrics on the heatmaps.
         fpr: target false positive rate on normal validation cases.
         max_pixels: cap on pooled pixels for the pixel metrics (seeded subsample above it).
+        threshold_rule: ``cross_fitted`` (the quantile level cross-fitted over the validation patients,
+            ``metrics.cross_fitted_level``) or ``quantile`` (the plain ``1 - fpr`` quantile).
 
     Returns:
-        ``{method: {"level", "auc", "ap", "n_normal", "n_abnormal", "threshold", "sensitivity", "specificity",
-        "fpr_target", "threshold_source"[, "case": {...}][, "pixel": {...}]}}``, as written to ``metrics.json``.
+        ``{method: {"level", "auc", "ap", "n_normal", "n_abnormal", "threshold", "threshold_level", "sensitivity",
+        "specificity", "fpr_target", "threshold_source"[, "case": {...}][, "pixel": {...}]}}``, as written to
+        ``metrics.json``.
     """
     if level not in LEVELS:
         raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
+    if threshold_rule not in THRESHOLD_RULES:
+        raise ValueError(f"threshold_rule must be one of {THRESHOLD_RULES}, got {threshold_rule!r}")
     methods = {name: Path(folder) for name, folder in (methods or {DEFAULT_METHOD: output_dir}).items()}
     first = next(iter(methods))
     validation = _validation_folders(validation_output_dir, list(methods))
     tables = {name: read_tables(folder) for name, folder in methods.items()}
-    series = _method_series(tables, level, first)
+    rows = _method_series(tables, level, first)
+    series = {name: (row.labels, row.scores) for name, row in rows.items()}
     if not series:
         folders = ", ".join(str(folder) for folder in methods.values())
         raise ValueError(f"nothing to evaluate: no labelled rows (label 0/1) in {SCORE_FILES[level]} of {folders}")
     validation_tables = {name: read_tables(folder) for name, folder in validation.items()}
-    validation_series = _method_series(validation_tables, level, first)
+    validation_rows = _method_series(validation_tables, level, first)
     results = {}
     for name, (labels, scores) in series.items():
         source = validation.get(first if name.startswith(TRIVIAL_PREFIX) else name)
-        results[name] = _method_result(labels, scores, validation_series.get(name), source, fpr, level)
+        results[name] = _method_result(labels, scores, validation_rows.get(name), source, fpr, level, threshold_rule)
     if level == "slice":
         for name, result in results.items():
             owner = first if name.startswith(TRIVIAL_PREFIX) else name
@@ -160,16 +180,16 @@ def _validation_folders(
     return {names[0]: Path(validation_output_dir)}
 
 
-def _method_series(tables: Mapping[str, tuple[Columns, Columns]], level: str, trivial_source: str) -> dict[str, Series]:
-    """Method name -> (labels, scores) of its labelled rows at ``level``, then the trivial references found in
-    the ``trivial_source`` method's table (one set of references, listed after the methods).
+def _method_series(tables: Mapping[str, tuple[Columns, Columns]], level: str, trivial_source: str) -> dict[str, Rows]:
+    """Method name -> the labelled rows at ``level``, then the trivial references found in the ``trivial_source``
+    method's table (one set of references, listed after the methods).
     """
     columns = {name: slices if level == "slice" else cases for name, (cases, slices) in tables.items()}
     wanted = [(name, name, "score") for name in columns]
     if trivial_source in columns:
         references = [c for c in columns[trivial_source] if c.startswith(TRIVIAL_PREFIX)]
         wanted += [(column, trivial_source, column) for column in references]
-    out: dict[str, Series] = {}
+    out: dict[str, Rows] = {}
     for method, table, column in wanted:
         picked = _labelled_rows(method, columns[table], column)
         if picked is not None:
@@ -177,8 +197,9 @@ def _method_series(tables: Mapping[str, tuple[Columns, Columns]], level: str, tr
     return out
 
 
-def _labelled_rows(method: str, columns: Columns, column: str) -> Series | None:
-    """(labels, scores) of the rows with a known label and a score, or None (logged) when there are none.
+def _labelled_rows(method: str, columns: Columns, column: str) -> Rows | None:
+    """The rows with a known label and a score, or None (logged) when there are none. A table without case ids
+    (an older or hand-made one) counts every row as its own case.
 
     Rows of unknown label (-1) cannot be scored against; rows with a NaN score are dropped with a warning.
     """
@@ -197,27 +218,35 @@ def _labelled_rows(method: str, columns: Columns, column: str) -> Series | None:
     if method.startswith(TRIVIAL_PREFIX) and np.ptp(scores[keep]) == 0:
         logger.info("%s is constant on these data (no reference), skipped", method)
         return None
-    return labels[keep], scores[keep]
+    case_ids = columns["case_id"] if "case_id" in columns else np.arange(len(labels)).astype(str)
+    return Rows(labels[keep], scores[keep], np.asarray(case_ids)[keep])
 
 
 def _method_result(
-    labels: np.ndarray, scores: np.ndarray, validation: Series | None, source: Path | None, fpr: float, level: str
+    labels: np.ndarray, scores: np.ndarray, validation: Rows | None, source: Path | None, fpr: float, level: str,
+    threshold_rule: str,
 ) -> dict[str, Any]:
     """Detection metrics of one method on the test rows and its operating point at the threshold set from the
-    normal rows of its ``validation`` series (read from ``source``); NaN operating point without them.
+    normal rows of its ``validation`` series (read from ``source``) by ``threshold_rule``; NaN operating point
+    without them.
     ``validation_auc`` is its AUROC on the validation rows (NaN unless they hold both classes): the figure a setting
     may be chosen on, since it never looks at the test labels.
     """
     result: dict[str, Any] = {"level": level, **detection_metrics(labels, scores), "fpr_target": fpr}
-    both = validation is not None and np.any(validation[0] == 0) and np.any(validation[0] == 1)
-    result["validation_auc"] = detection_metrics(*validation)["auc"] if both else math.nan  # what to choose on
-    normal = validation[1][validation[0] == 0] if validation is not None else np.empty(0)
-    if normal.size:
-        result.update(operating_point(labels, scores, threshold_from_normal(normal, fpr)), threshold_source=str(source))
+    both = validation is not None and np.any(validation.labels == 0) and np.any(validation.labels == 1)
+    result["validation_auc"] = detection_metrics(validation.labels, validation.scores)["auc"] if both else math.nan
+    if validation is not None and np.any(validation.labels == 0):
+        normal = validation.labels == 0
+        quantile = (cross_fitted_level(validation.scores[normal], validation.case_ids[normal], fpr)
+                    if threshold_rule == "cross_fitted" else 1.0 - fpr)
+        threshold = threshold_from_normal(validation.scores[normal], fpr, quantile)
+        result.update(operating_point(labels, scores, threshold), threshold_level=quantile,
+                      threshold_rule=threshold_rule, threshold_source=str(source))
     else:
         if source is not None:
             logger.warning("no normal validation rows in %s: no threshold", source)
-        result.update(threshold=math.nan, sensitivity=math.nan, specificity=math.nan, threshold_source=None)
+        result.update(threshold=math.nan, threshold_level=math.nan, sensitivity=math.nan, specificity=math.nan,
+                      threshold_source=None)
     return result
 
 

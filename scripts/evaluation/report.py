@@ -7,20 +7,29 @@ from typing import Any
 
 import numpy as np
 
+# how each threshold_rule (metrics.THRESHOLD_RULES) sets the threshold, formatted with the target specificity
+THRESHOLD_TEXT = {
+    "cross_fitted": "a quantile of the normal validation scores whose level is cross-fitted over the validation "
+                    "patients, so that about {:g} of the normal slices of a patient left out stay below it",
+    "quantile": "the {:g} quantile of the normal validation scores",
+}
+
 
 def metrics_markdown(results: Mapping[str, Mapping[str, Any]], level: str, fpr: float) -> str:
     """The results as markdown tables: detection at ``level``, then case-level and pixel-level when present."""
     lines = [
         f"# Anomaly detection, {level} level",
         "",
-        f"Threshold (thr): the {100 * (1 - fpr):g}th percentile of normal validation scores (target false positive "
-        f"rate {fpr:g}); a score above it is called abnormal. n/a: no validation scores given.",
+        f"Threshold (thr), target false positive rate {fpr:g}: {THRESHOLD_TEXT[_rule(results)].format(1 - fpr)}; "
+        f"a score above it is called abnormal. thr quantile: the level used ({1 - fpr:g} with fewer than two "
+        "validation patients). n/a: no validation scores given.",
         "",
         *_table(
-            ["method", "AUROC", "AP", "n normal", "n abnormal", "sens@thr", "spec@thr", "spec 95% CI", "level R²",
-             "AUROC beyond level"],
+            ["method", "AUROC", "AP", "n normal", "n abnormal", "sens@thr", "spec@thr", "spec 95% CI", "thr quantile",
+             "level R²", "AUROC beyond level"],
             [[name, r["auc"], r["ap"], r["n_normal"], r["n_abnormal"], r["sensitivity"], r["specificity"],
-              _interval(r.get("specificity_ci95")), r.get("level_r2", ""), r.get("level_adjusted_auc", "")]
+              _interval(r.get("specificity_ci95")), r.get("threshold_level", ""), r.get("level_r2", ""),
+              r.get("level_adjusted_auc", "")]
              for name, r in results.items()],
         ),
     ]
@@ -52,6 +61,11 @@ def metrics_markdown(results: Mapping[str, Mapping[str, Any]], level: str, fpr: 
              for name, p in pixels.items()],
         )
     return "\n".join(lines) + "\n"
+
+
+def _rule(results: Mapping[str, Mapping[str, Any]]) -> str:
+    """The threshold rule the results were evaluated with (the default when none had a threshold)."""
+    return next((r["threshold_rule"] for r in results.values() if "threshold_rule" in r), "cross_fitted")
 
 
 def _interval(bounds: Any) -> str:
