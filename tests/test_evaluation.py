@@ -77,6 +77,9 @@ def test_cross_fitted_level_is_the_smallest_level_whose_left_out_specificity_rea
     assert cross_fitted_level([0, 1, 10, 11], ["a", "a", "b", "b"], fpr=0.05) == 1.0
     with pytest.raises(ValueError, match="groups"):
         cross_fitted_level([0, 1, 2], ["a", "b"], fpr=0.05)
+    # rows that are each their own group (patch level) are left out 20 folds at a time: i.i.d. rows need no correction
+    rows = np.random.default_rng(0).normal(size=20_000)
+    assert cross_fitted_level(rows, np.arange(rows.size).astype(str), fpr=0.05) == pytest.approx(0.95, abs=0.005)
 
 
 def test_cross_fitted_threshold_holds_on_new_patients_where_the_plain_quantile_does_not():

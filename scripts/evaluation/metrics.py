@@ -59,7 +59,7 @@ def threshold_from_normal(
 
 def cross_fitted_level(
     normal_scores: Sequence[float] | np.ndarray, groups: Sequence[str] | np.ndarray, fpr: float = 0.05,
-    tolerance: float = 1e-4,
+    tolerance: float = 1e-4, max_folds: int = 20,
 ) -> float:
     """The quantile level of normal validation scores whose threshold keeps ``1 - fpr`` specificity on new patients.
 
@@ -70,17 +70,20 @@ def cross_fitted_level(
     each ``groups`` value (patient) out in turn, set the threshold at level ``a`` on the others' scores, and count
     the left-out patient's normal slices at or below it. The level returned is the smallest ``a`` in [0, 1] at
     which that pooled left-out specificity reaches ``1 - fpr`` (bisection to ``tolerance``; 1, the others'
-    maximum, when no level does). With fewer than two groups nothing can be left out: ``1 - fpr``.
+    maximum, when no level does). With fewer than two groups nothing can be left out: ``1 - fpr``. Beyond
+    ``max_folds`` groups (e.g. patch-level rows, each its own group) they are left out ``max_folds`` at a time,
+    dealt round in sorted order, so that the cost stays that of ``max_folds`` folds.
     """
     values = _normal_values(normal_scores, fpr)
     scores, groups = np.asarray(normal_scores, dtype=np.float64).ravel(), np.asarray(groups).ravel()
     if groups.shape != scores.shape:
         raise ValueError(f"{groups.size} groups for {scores.size} normal scores")
     groups = groups[np.isfinite(scores)]
-    names = np.unique(groups)
+    names, index = np.unique(groups, return_inverse=True)
     if len(names) < 2:
         return 1.0 - fpr
-    left_out = [(values[groups == name], values[groups != name]) for name in names]
+    fold = index % min(len(names), max_folds)
+    left_out = [(values[fold == k], values[fold != k]) for k in range(min(len(names), max_folds))]
 
     def specificity(level: float) -> float:
         kept = sum(int(np.sum(own <= np.quantile(others, level))) for own, others in left_out)
