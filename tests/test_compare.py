@@ -48,6 +48,19 @@ def test_aggregate_gives_mean_and_sample_std_over_folds_and_skips_undefined_fold
     assert set(summary["folds"]) == {"fold_0", "fold_1", "fold_2"}
 
 
+def test_held_out_specificity_keeps_the_folds_with_a_threshold(tmp_path):
+    from experiments.compare.report import held_out_specificity
+    from scripts.evaluation.plots import plot_specificity
+
+    summary = {"ae": {"folds": {"fold_0": {"specificity": 0.97, "specificity_ci95": [0.9, 1.0]},
+                                "fold_1": {"specificity": math.nan}}},
+               "ocsvm": {"folds": {"fold_0": {"specificity": math.nan}}}}
+    held_out = held_out_specificity(summary, ["ae", "ocsvm"])
+    assert held_out == {"ae": {"fold_0": (0.97, [0.9, 1.0])}}
+    plot_specificity(held_out, tmp_path / "specificity.png", 0.95, "held-out specificity")
+    assert (tmp_path / "specificity.png").stat().st_size > 5_000
+
+
 def read_csv(path: Path) -> list[dict]:
     with open(path, newline="") as handle:
         return list(csv.DictReader(handle))
@@ -69,7 +82,7 @@ def test_compare_trains_every_method_and_writes_the_comparison(tmp_path):
     assert "Operating point on held-out patients" in table and "Validation AUC" in table and "AUC beyond level" in table
     assert "cross-fitted over the validation patients" in table
     assert all(f"`{method}`" in table for method in REQUIRED)
-    for name in ("roc.png", "score_distribution.png"):
+    for name in ("roc.png", "score_distribution.png", "specificity.png"):
         assert (out / name).stat().st_size > 10_000
     for fold in ("fold_0", "fold_1", "fold_2"):
         datalist = json.loads((out / fold / "datalist.json").read_text())

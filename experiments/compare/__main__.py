@@ -27,7 +27,8 @@ Layout: ``OUT/<fold>/datalist.json``; ``OUT/<fold>/<method>/`` holds the test in
 trained a model, ``models/`` and ``train/``; ``OUT/<fold>/evaluation/`` is ``scripts.evaluation.evaluate`` of the
 fold; ``OUT/comparison.{md,json}``, ``OUT/roc.png`` and ``OUT/score_distribution.png`` gather the folds (mean +/-
 sample standard deviation; the plots pool the folds after z-scoring each fold's scores against its own normal
-validation scores, so that no test label enters the scale).
+validation scores, so that no test label enters the scale); ``OUT/specificity.png`` shows each method's held-out
+specificity per fold against its target.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from experiments.compare.folds import make_folds
-from experiments.compare.report import aggregate, comparison_markdown, pooled_series
+from experiments.compare.report import aggregate, comparison_markdown, held_out_specificity, pooled_series
 from experiments.compare.runs import (
     CONFIGS,
     FULL_SIZE,
@@ -57,7 +58,7 @@ from scripts.config import bundle_parser, parse_override
 from scripts.data.io import write_json, write_text
 from scripts.evaluation.metrics import THRESHOLD_RULES
 from scripts.evaluation.patch_protocol import PatchProtocol
-from scripts.evaluation.plots import plot_roc, plot_score_distribution
+from scripts.evaluation.plots import plot_roc, plot_score_distribution, plot_specificity
 from scripts.evaluation.report import json_safe
 
 
@@ -166,12 +167,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
     done = [m for m in methods if m in summary]
     base = {fold.name: fold.folder / "patch" if patches else fold.folder for fold in folds}
     series = pooled_series(base, done, done[0]) if done else {}
+    pictures = []
     if series:
         plot_roc(series, out / "roc.png", f"ROC, {level} level, {len(folds)} fold(s) pooled (validation z-scores)")
         plot_score_distribution(series, out / "score_distribution.png",
                                 f"Anomaly scores, {level} level, {len(folds)} fold(s) pooled: normal vs abnormal")
+        pictures += ["roc.png", "score_distribution.png"]
+    held_out = held_out_specificity(summary, done)
+    if held_out:
+        plot_specificity(held_out, out / "specificity.png", 1 - settings.fpr,
+                         f"Specificity on held-out {level}s at the validation threshold ({settings.threshold_rule})")
+        pictures.append("specificity.png")
     print(f"\ncomparison of {len(done)} method(s) over {len(folds)} fold(s) in {(time.time() - start) / 60:.1f} min:")
-    for name in ("comparison.md", "comparison.json", "roc.png", "score_distribution.png"):
+    for name in ("comparison.md", "comparison.json", *pictures):
         print(f"  {out / name}")
     print(f"  per fold: {out}/<fold>/<method>/slice_scores.csv, {out}/<fold>/evaluation/metrics.md")
     if failures:

@@ -124,6 +124,18 @@ def comparison_markdown(summary: Mapping[str, Mapping[str, Any]], described: Map
     return "\n".join(lines) + "\n"
 
 
+def held_out_specificity(summary: Mapping[str, Mapping[str, Any]], methods: Sequence[str]) -> dict[str, dict]:
+    """``methods`` -> fold -> (held-out specificity, its patient-bootstrap interval or None), for the folds where
+    a threshold was set (what ``plots.plot_specificity`` draws); methods without any are left out."""
+    out = {}
+    for name in methods:
+        folds = {fold: (r["specificity"], r.get("specificity_ci95")) for fold, r in summary[name]["folds"].items()
+                 if r.get("specificity") is not None and np.isfinite(r["specificity"])}
+        if folds:
+            out[name] = folds
+    return out
+
+
 def _transfer_lines(summary: Mapping[str, Mapping[str, Any]], folds: Sequence[str], fpr: float) -> list[str]:
     """Held-out specificity per fold against the target, with its patient-bootstrap interval, and how much of each
     score the axial level explains (R² of a quadratic in the level, normal test slices)."""

@@ -1,4 +1,5 @@
-"""The pictures of an evaluation: ROC curves with operating points, and normal-vs-abnormal score distributions."""
+"""The pictures of an evaluation: ROC curves with operating points, normal-vs-abnormal score distributions, and
+held-out specificity against its target."""
 
 from __future__ import annotations
 
@@ -83,6 +84,45 @@ def plot_score_distribution(dists: Mapping[str, Series], path: str | os.PathLike
     for ax in axes[len(names):]:
         ax.set_visible(False)
     fig.suptitle(title)
+    _save_figure(fig, Path(path))
+
+
+def plot_specificity(
+    specificity: Mapping[str, Mapping[str, tuple[float, tuple[float, float] | None]]],
+    path: str | os.PathLike,
+    target: float,
+    title: str,
+    tolerance: float = 0.05,
+) -> None:
+    """Held-out specificity per fold (x) and method (one colour each), with its interval as an error bar, against
+    the ``target`` (line) and the band ``target +/- tolerance``: where a threshold fitted on validation patients
+    holds on new ones. ``specificity``: method -> fold -> (specificity, (low, high) or None); NaN is left out."""
+    folds = list(dict.fromkeys(fold for per_fold in specificity.values() for fold in per_fold))
+    fig = _figure((1.2 * len(folds) + 3.0, 4.2))
+    ax = fig.add_subplot()
+    ax.axhspan(target - tolerance, min(1.0, target + tolerance), color="tab:green", alpha=0.12,
+               label=f"target ± {tolerance:g}")
+    ax.axhline(target, color="tab:green", linewidth=1.2, label=f"target {target:g}")
+    palette = colormaps["tab10"].colors
+    width = 0.6 / max(1, len(specificity))
+    for index, (name, per_fold) in enumerate(specificity.items()):
+        x, y, low, high = [], [], [], []
+        for column, fold in enumerate(folds):
+            value, interval = per_fold.get(fold, (math.nan, None))
+            if np.isfinite(value):
+                x.append(column + (index - (len(specificity) - 1) / 2) * width)
+                y.append(value)
+                low.append(value - interval[0] if interval else 0.0)
+                high.append(interval[1] - value if interval else 0.0)
+        ax.errorbar(x, y, yerr=[low, high], color=palette[index % len(palette)], label=name, capsize=3,
+                    **{**POINT_STYLE, "markersize": 6})
+    ax.set_xticks(range(len(folds)), folds)
+    lowest = min([target] + [low for per_fold in specificity.values() for value, interval in per_fold.values()
+                             for low in ([interval[0]] if interval else [value]) if np.isfinite(low)])
+    ax.set_ylim(max(0.0, min(target - 4 * tolerance, lowest - 0.02)), 1.005)  # the same scale run after run
+    ax.set(title=title, ylabel="specificity on held-out patients")
+    ax.legend(fontsize=8.5, loc="lower left", framealpha=0.9)
+    ax.grid(alpha=0.3, axis="y")
     _save_figure(fig, Path(path))
 
 
