@@ -274,7 +274,9 @@ def run_folds(folds: Sequence[Fold], methods: Sequence[str], settings: Settings,
     return per_fold, failures
 
 
-def evaluate_fold(fold: Fold, done: Mapping[str, Path], settings: Settings, patches: PatchProtocol | None) -> dict[str, Any]:
+def evaluate_fold(
+    fold: Fold, done: Mapping[str, Path], settings: Settings, patches: PatchProtocol | None
+) -> dict[str, Any]:
     """``scripts.evaluation.evaluate`` of the fold's methods (thresholds from their validation outputs) into
     ``<fold>/evaluation``; with ``patches`` also the patch level into ``<fold>/patch`` and
     ``<fold>/evaluation_patch``, whose results are returned."""

@@ -74,11 +74,10 @@ def cross_fitted_level(
     ``max_folds`` groups (e.g. patch-level rows, each its own group) they are left out ``max_folds`` at a time,
     dealt round in sorted order, so that the cost stays that of ``max_folds`` folds.
     """
-    values = _normal_values(normal_scores, fpr)
     scores, groups = np.asarray(normal_scores, dtype=np.float64).ravel(), np.asarray(groups).ravel()
     if groups.shape != scores.shape:
         raise ValueError(f"{groups.size} groups for {scores.size} normal scores")
-    groups = groups[np.isfinite(scores)]
+    values, groups = _normal_values(scores, fpr), groups[np.isfinite(scores)]
     names, index = np.unique(groups, return_inverse=True)
     if len(names) < 2:
         return 1.0 - fpr

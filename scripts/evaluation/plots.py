@@ -105,6 +105,7 @@ def plot_specificity(
     ax.axhline(target, color="tab:green", linewidth=1.2, label=f"target {target:g}")
     palette = colormaps["tab10"].colors
     width = 0.6 / max(1, len(specificity))
+    lowest = target
     for index, (name, per_fold) in enumerate(specificity.items()):
         x, y, low, high = [], [], [], []
         for column, fold in enumerate(folds):
@@ -114,11 +115,10 @@ def plot_specificity(
                 y.append(value)
                 low.append(value - interval[0] if interval else 0.0)
                 high.append(interval[1] - value if interval else 0.0)
+                lowest = min(lowest, value - low[-1])
         ax.errorbar(x, y, yerr=[low, high], color=palette[index % len(palette)], label=name, capsize=3,
                     **{**POINT_STYLE, "markersize": 6})
     ax.set_xticks(range(len(folds)), folds)
-    lowest = min([target] + [low for per_fold in specificity.values() for value, interval in per_fold.values()
-                             for low in ([interval[0]] if interval else [value]) if np.isfinite(low)])
     ax.set_ylim(max(0.0, min(target - 4 * tolerance, lowest - 0.02)), 1.005)  # the same scale run after run
     ax.set(title=title, ylabel="specificity on held-out patients")
     ax.legend(fontsize=8.5, loc="lower left", framealpha=0.9)
