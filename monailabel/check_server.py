@@ -11,7 +11,7 @@ Runs inside the MONAI Label virtual environment. Steps, all on 127.0.0.1:
 3. ``/infer`` on an LPS-oriented volume: the heatmap must be on the volume's own grid (shape, affine) and equal
    the bundle's own inference (``monai.bundle run run`` with the same weights) within 1e-4;
 4. ``/train`` for one epoch (MONAI Label's ``BundleTrainTask``, background task as a user starts it): must end
-   ``DONE`` and write a new ``model.pt``, ``checkpoint_final.pt`` and ``normal_stats.pt``;
+   ``DONE`` and write a new ``model.pt``, ``checkpoint_final.pt``, ``normal_stats.pt`` and ``residual_calibration.pt``;
 5. ``/infer`` again: the new weights are picked up and the heatmap again equals the bundle's own.
 
 Prints one JSON summary line (``MONAILABEL_CHECK {...}``) and exits non-zero on the first failed step; the
@@ -78,11 +78,14 @@ def copy_bundle(root: Path, target: Path) -> str:
 
 
 def init_weights(bundle: Path) -> None:
-    """A randomly initialised reconstructor as ``models/model.pt`` (BundleInferTask needs one at start-up)."""
+    """A randomly initialised reconstructor as ``models/model.pt`` (BundleInferTask needs one at start-up), with
+    the neutral residual calibration an untrained model has."""
     code = (
         "import sys, torch; from monai.bundle import ConfigParser; sys.path.insert(0, sys.argv[1]);"
+        "from scripts.scoring.calibration import neutral_residual_calibration;"
         "p = ConfigParser(); p.read_config(sys.argv[1] + '/configs/inference.json'); torch.manual_seed(0);"
-        "torch.save(p.get_parsed_content('network_def').state_dict(), sys.argv[1] + '/models/model.pt')"
+        "torch.save(p.get_parsed_content('network_def').state_dict(), sys.argv[1] + '/models/model.pt');"
+        "torch.save(neutral_residual_calibration(), sys.argv[1] + '/models/residual_calibration.pt')"
     )
     subprocess.run([sys.executable, "-c", code, str(bundle)], check=True, cwd=bundle)
 
@@ -257,7 +260,7 @@ def main() -> int:
         log(f"/train: {summary['train']}")
         if status.get("status") != "DONE":
             raise AssertionError(f"training ended {status.get('status')}: {json.dumps(status)[-3000:]}")
-        for file in ("model.pt", "checkpoint_final.pt", "normal_stats.pt"):
+        for file in ("model.pt", "checkpoint_final.pt", "normal_stats.pt", "residual_calibration.pt"):
             if not (bundle / "models" / file).is_file():
                 raise AssertionError(f"training did not write models/{file}")
         if weights.read_bytes() == before:

@@ -22,7 +22,8 @@ CLI::
         --output_dir out [overrides, e.g. --image_size 256 --ranking False]
 
 Overrides are config ids, as for ``monai.bundle run``; scoring needs the ``image_size``/``patch_size`` the model
-was trained with (and ``in_channels`` for ONNX export). The ``critic`` score map needs the critic, which is
+was trained with (and ``in_channels`` for ONNX export), and the default maps read the ``residual_calibration.pt``
+that training wrote, shipped beside the exported file (or ``--residual_calibration_path``). The ``critic`` score map needs the critic, which is
 not exported: use the squared, one-sided (hyperintense / hypointense) or SSIM maps with an exported reconstructor.
 """
 
@@ -137,6 +138,7 @@ def score(
     workflow = ConfigWorkflow(config_file=[str(c) for c in configs], workflow_type="infer", logging_file=None)
     parser = workflow.parser
     parser["bundle_root"] = override.pop("bundle_root", str(BUNDLE_ROOT))
+    parser["residual_calibration_path"] = str(Path(model).resolve().parent / "residual_calibration.pt")
     for key, value in override.items():
         parser[key] = value
     if {"critic", "feature"} & set(parser.get_parsed_content("score_maps")):

@@ -246,7 +246,9 @@ def test_the_clinical_overlay_turns_on_extraction_in_training_and_inference(base
     if base == "inference.json":
         assert [type(t).__name__ for t in parser.get_parsed_content("preprocessing").transforms][1] == "BrainExtractiond"
         inferer = parser.get_parsed_content("inferer")
-        assert inferer.slice_standardisation == "volume" and inferer.score_maps == ("hyperintense",)
+        assert inferer.slice_standardisation == "volume_lower_half" and inferer.score_maps == ("hyperintense",)
+        assert str(inferer.residual_calibration).endswith("residual_calibration.pt")  # read when scoring starts
+        assert inferer.image_size // inferer.patch_size == 16
     else:
         slicer = parser.get_parsed_content("slices")
         assert [type(s).__name__ for s in slicer.keywords["preprocessing"]] == chosen

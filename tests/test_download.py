@@ -26,14 +26,15 @@ TINY = ["--image_size", "32", "--patch_size", "8", "--num_workers", "0",
 
 
 @pytest.fixture()
-def served_zip(tmp_path):
+def served_zip(tmp_path, untrained):
     """The repository packaged with tiny weights, served from 127.0.0.1 by python's http.server."""
     torch.manual_seed(0)
     weights = tmp_path / "trained" / "model.pt"
     weights.parent.mkdir()
-    torch.save(reconstructor(**TINY_NET).state_dict(), weights)
+    untrained(reconstructor(**TINY_NET).state_dict(), weights)
     dist = tmp_path / "dist"
-    cmd = [sys.executable, "-m", "tools.package_bundle", "--output", str(dist), "--weights", str(weights)]
+    cmd = [sys.executable, "-m", "tools.package_bundle", "--output", str(dist), "--weights", str(weights),
+           str(weights.parent / "residual_calibration.pt")]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(dist))

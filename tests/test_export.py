@@ -40,12 +40,15 @@ def parser() -> ConfigParser:
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def exported(tmp_path_factory, untrained):
     """Tiny reconstructor weights, their TorchScript and ONNX exports, and a synthetic LPS-oriented FLAIR volume."""
     root = tmp_path_factory.mktemp("export")
     torch.manual_seed(0)
     network = parser().get_parsed_content("network_def")
-    torch.save(network.state_dict(), root / "model.pt")
+    untrained(network.state_dict(), root / "model.pt")
+    calibration = {"edges": torch.tensor([[0.3, 0.6]]), "mean": torch.tensor([[0.2, 0.0, -0.1]]),
+                   "std": torch.tensor([[0.2, 0.1, 0.15]])}
+    torch.save(calibration, root / "residual_calibration.pt")  # not the neutral one: the calibrated path is checked
     run([sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(root / "model.ts"),
          "--ckpt_file", str(root / "model.pt"), "--meta_file", "configs/metadata.json",
          "--config_file", "configs/inference.json", *TINY_ARGS])
@@ -60,6 +63,7 @@ def exported(tmp_path_factory):
 
 def pytorch_scores(network, volume):
     p = parser()
+    p["residual_calibration_path"] = str(Path(volume).parents[2] / "residual_calibration.pt")
     item = p.get_parsed_content("preprocessing")({"case_id": "case", "image": str(volume)})
     inferer = p.get_parsed_content("inferer")
     return inferer, item, inferer.score(item["image"][None], network)
@@ -109,6 +113,7 @@ def test_scoring_from_the_exported_file_alone_needs_no_model_code(exported, name
     alone = tmp_path / "shipped"
     alone.mkdir()
     shutil.copyfile(root / name, alone / name)
+    shutil.copyfile(root / "residual_calibration.pt", alone / "residual_calibration.pt")  # shipped beside the model
     out = tmp_path / "out"
     argv = ["scripts.export", "score", "--model", str(alone / name), "--input_path", str(volume),
             "--output_dir", str(out), "--num_workers", "0", "--overlay_slices", "0", "--amp", "False", *TINY_ARGS[:4]]

@@ -129,6 +129,39 @@ def test_saving_normal_statistics_leaves_the_training_models_and_inferer_as_they
         assert all(torch.equal(module.state_dict()[k], v) for k, v in weights.items())
 
 
+def test_calibration_writes_the_residual_calibration_that_inference_reads(tmp_path, caplog):
+    from scripts.scoring.calibration import save_normal_statistics
+
+    network = torch.nn.Conv2d(1, 1, 1)
+    with torch.no_grad():
+        network.weight.fill_(0.5)
+        network.bias.zero_()  # draws every pixel at half its brightness: residual = image / 2
+    inferer = PatchRankingInferer(image_size=16, patch_size=4, test_input="image")
+    dataset = [{"image": torch.rand(1, 16, 16) + 0.1} for _ in range(8)]
+    save_normal_statistics(tmp_path / "stats.pt", inferer, network, dataset, names=["squared"],
+                           residual_path=tmp_path / "residual.pt", residual_bins=8)
+    assert inferer.residual_calibration is None  # the training's inferer is left as it was
+    calibrated = PatchRankingInferer(image_size=16, patch_size=4, test_input="image",
+                                     score_maps=("hyperintense",), residual_calibration=str(tmp_path / "residual.pt"))
+    table = calibrated.residual_table()
+    assert table["edges"].shape == (1, 7) and table["mean"].shape == table["std"].shape == (1, 8)
+    # residual = recon here, so each bin's mean residual is about the middle of its bin of in-painted values
+    assert torch.all(table["mean"][0].diff() > 0)
+    images = torch.stack([d["image"] for d in dataset])
+    # within a bin the residual spreads evenly around the bin's mean, so its z-score squared, counted where
+    # positive, averages about 1/2 over the normal slices it was fitted on
+    z = calibrated.raw_maps(images, network(images))["hyperintense"]
+    assert 0.35 < z.mean().item() < 0.65
+    assert table["geometry"].tolist() == [16, 4, 2, 0]  # image size, patch size, stride, no in-painting
+    other = PatchRankingInferer(image_size=16, patch_size=8, residual_calibration=str(tmp_path / "residual.pt"))
+    with caplog.at_level("WARNING"):
+        other.residual_table()
+    assert "refit it" in caplog.text and "[16, 4, 2, 0]" in caplog.text and "[16, 8, 2, 1]" in caplog.text
+    with pytest.raises(ValueError, match="not both"):
+        PatchRankingInferer(image_size=16, patch_size=4, normal_stats=str(tmp_path / "stats.pt"),
+                            residual_calibration=str(tmp_path / "residual.pt"))
+
+
 def test_the_critic_map_scores_what_the_critic_finds_unreal():
     class BrightIsFake(torch.nn.Module):
         def forward(self, x):

@@ -76,7 +76,7 @@ def test_repeated_case_ids_and_cases_in_two_splits_are_refused_by_name(tmp_path)
         load_datalist(leak, "training")
 
 
-def test_an_unreadable_mask_loses_only_its_own_case(phantoms, tmp_path, caplog):
+def test_an_unreadable_mask_loses_only_its_own_case(phantoms, tmp_path, caplog, untrained):
     folder = tmp_path / "data"
     shutil.copytree(phantoms, folder)
     broken = folder / "SYN_001" / "SYN_001_seg.nii.gz"
@@ -86,13 +86,13 @@ def test_an_unreadable_mask_loses_only_its_own_case(phantoms, tmp_path, caplog):
     assert set(cases) == {"SYN_000", "SYN_001", "SYN_002"} and "label" not in cases["SYN_001"]
     assert "SYN_001_seg.nii.gz" in caplog.text
 
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
     parser.read_config(str(ROOT / "configs" / "inference.json"))
     parser.update(TINY)
-    torch.save(parser.get_parsed_content("network_def").state_dict(), tmp_path / "model.pt")
+    untrained(parser.get_parsed_content("network_def").state_dict(), tmp_path / "model.pt")
     run(run_id="run", config_file=str(ROOT / "configs" / "inference.json"), logging_file=str(ROOT / "configs" / "logging.conf"),
         **{**TINY, "input_path": str(folder), "output_dir": str(tmp_path / "out"), "ckpt_path": str(tmp_path / "model.pt"),
            "bundle_root": str(ROOT)})

@@ -25,11 +25,11 @@ TINY = {"image_size": 32, "patch_size": 8, "network_def#channels": [8, 16, 32], 
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory) -> dict[str, Path]:
+def setup(tmp_path_factory, untrained) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("messages")
     generate_dataset(root / "data", n_cases=2, shape=(32, 32, 16), seed=5, abnormal_fraction=0.5)
     parser = bundle_parser(INFERENCE, TINY)
-    torch.save(parser.get_parsed_content("network_def").state_dict(), root / "model.pt")
+    untrained(parser.get_parsed_content("network_def").state_dict(), root / "model.pt")
     return {"root": root, "data": root / "data", "model": root / "model.pt"}
 
 
@@ -109,7 +109,7 @@ def test_truncated_and_wrong_files_are_named_in_words(setup, tmp_path):
     assert "tiny_flair.nii.gz: too small to score (10x10 pixels per slice" in errors
 
 
-def test_pictures_of_another_channel_count_truncated_or_constant_are_named(setup, tmp_path):
+def test_pictures_of_another_channel_count_truncated_or_constant_are_named(setup, tmp_path, untrained):
     pictures = tmp_path / "pictures"
     pictures.mkdir()
     rng = np.random.default_rng(1)
@@ -119,7 +119,7 @@ def test_pictures_of_another_channel_count_truncated_or_constant_are_named(setup
     Image.fromarray((rng.random((64, 64, 3)) * 255).astype(np.uint8)).save(pictures / "cut.jpg")
     (pictures / "cut.jpg").write_bytes((pictures / "cut.jpg").read_bytes()[:300])
     derm = bundle_parser([INFERENCE, str(ROOT / "configs" / "dermoscopy.json")], TINY)
-    torch.save(derm.get_parsed_content("network_def").state_dict(), tmp_path / "rgb.pt")
+    untrained(derm.get_parsed_content("network_def").state_dict(), tmp_path / "rgb.pt", channels=3)
     result = _cli({**TINY, "ckpt_path": str(tmp_path / "rgb.pt"), "output_dir": str(tmp_path / "out"),
                    "input_path": str(pictures), "score_maps": ["ssim"]}, config=f"['{INFERENCE}','{ROOT / 'configs' / 'dermoscopy.json'}']")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -130,8 +130,9 @@ def test_pictures_of_another_channel_count_truncated_or_constant_are_named(setup
 
 
 @pytest.mark.parametrize("problem", ["other_width", "text_file", "missing"])
-def test_a_wrong_checkpoint_is_named_with_what_is_wrong(setup, tmp_path, problem):
-    path = tmp_path / "model.pt"
+def test_a_wrong_checkpoint_is_named_with_what_is_wrong(setup, tmp_path, problem, untrained):
+    path = untrained({}, tmp_path / "model.pt")  # the residual calibration beside it is fine; the weights are not
+    path.unlink()
     if problem == "other_width":
         wide = bundle_parser(INFERENCE, {**TINY, "network_def#channels": [16, 32, 64]})
         torch.save(wide.get_parsed_content("network_def").state_dict(), path)
@@ -177,7 +178,7 @@ def test_training_with_only_a_dataset_folder_splits_it_by_patient(setup, tmp_pat
 def test_user_files_are_never_unpickled(tmp_path):
     """A normal-statistics file with code in it is refused; the code does not run."""
     from scripts.data.io import InputError
-    from scripts.scoring.inferer import load_normal_stats
+    from scripts.scoring.inferer import load_calibration
 
     marker = tmp_path / "ran"
 
@@ -188,7 +189,9 @@ def test_user_files_are_never_unpickled(tmp_path):
     with open(tmp_path / "stats.pt", "wb") as handle:
         pickle.dump({"squared": Payload()}, handle)
     with pytest.raises(InputError, match="not a normal statistics file"):
-        load_normal_stats(str(tmp_path / "stats.pt"))
+        load_calibration(str(tmp_path / "stats.pt"))
+    with pytest.raises(InputError, match="residual calibration file not found"):
+        load_calibration(str(tmp_path / "absent.pt"), "residual calibration")
     assert not marker.exists()
 
 

@@ -32,6 +32,9 @@ SMALL = {
 }
 CRITIC_DEF = "critic_def"  # config id of the PatchGAN critic's definition
 CRITIC_KEY = "critic"  # its key in checkpoint_best.pt
+# a fixed residual calibration (residual_calibration.pt): four bins of the in-painted value, each with its own bias
+RESIDUAL_CALIBRATION = {"edges": torch.tensor([[0.25, 0.5, 0.75]]), "mean": torch.tensor([[0.2, 0.1, 0.0, -0.1]]),
+                        "std": torch.tensor([[0.2, 0.15, 0.1, 0.1]])}
 
 
 def _weights(folder: Path, configs: list[str], overrides: dict) -> dict:
@@ -45,6 +48,8 @@ def _weights(folder: Path, configs: list[str], overrides: dict) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(network.state_dict(), folder / "model.pt")
     torch.save({CRITIC_KEY: critic.state_dict()}, folder / "checkpoint_best.pt")
+    channels = int(parser.get_parsed_content("in_channels"))
+    torch.save({k: v.repeat(channels, 1) for k, v in RESIDUAL_CALIBRATION.items()}, folder / "residual_calibration.pt")
     return {"ckpt_path": str(folder / "model.pt"), f"{CRITIC_DEF}#channels": 8}
 
 
@@ -115,12 +120,15 @@ def phantoms(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("variant", ["default", "squared_ranking", "squared_no_ranking", "critic", "feature_image"])
+@pytest.mark.parametrize(
+    "variant", ["default", "plain_residual", "squared_ranking", "squared_no_ranking", "critic", "feature_image"]
+)
 def test_synthetic_outputs_are_pinned(phantoms: Path, tmp_path: Path, variant: str) -> None:
     overrides = {
-        "default": {},  # configs/inference.json as it is: the hyperintense map with ranking
-        "squared_ranking": {"score_maps": ["squared"]},
-        "squared_no_ranking": {"score_maps": ["squared"], "ranking": False},
+        "default": {},  # configs/inference.json as it is: the hyperintense map of the calibrated residual, ranking
+        "plain_residual": {"calibrated_residuals": False},  # the default before 0.8.0
+        "squared_ranking": {"score_maps": ["squared"], "calibrated_residuals": False},
+        "squared_no_ranking": {"score_maps": ["squared"], "ranking": False, "calibrated_residuals": False},
         "critic": {"score_maps": ["critic"]},
         "feature_image": {"score_maps": ["feature"], "test_input": "image"},
     }[variant]
@@ -144,13 +152,14 @@ def test_dermoscopy_outputs_are_pinned(tmp_path: Path) -> None:
     _check("dermoscopy_ssim_ranking", _outputs(tmp_path / "out"))
 
 
-def test_brats_patient_outputs_are_pinned(shared_data: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("variant", ["default", "plain_residual"])
+def test_brats_patient_outputs_are_pinned(shared_data: Path, tmp_path: Path, variant: str) -> None:
     patient = sorted((shared_data / "brats2013").glob("BraTS13_*"))[0]
     flair = next(patient.glob("*_flair.nii.gz"))
-    overrides = {**SMALL, "image_size": 64, "patch_size": 8}
+    overrides = {**SMALL, "image_size": 64, "patch_size": 8, "calibrated_residuals": variant == "default"}
     weights = _weights(tmp_path / "models", ["inference.json"], overrides)
     _infer(["inference.json"], {**overrides, **weights, "input_path": str(flair)}, tmp_path / "out")
-    _check("brats2013_first_patient", _outputs(tmp_path / "out"))
+    _check("brats2013_first_patient" + ("" if variant == "default" else "_plain_residual"), _outputs(tmp_path / "out"))
 
 
 def _tensor_summary(tensors: dict) -> dict:
@@ -179,6 +188,9 @@ def test_training_is_pinned(phantoms: Path, tmp_path: Path, variant: str) -> Non
     if stats.is_file():
         loaded = torch.load(stats, weights_only=True)
         actual["normal_stats"] = {k: _tensor_summary(v) for k, v in sorted(loaded.items())}
+    residual = tmp_path / "models" / "residual_calibration.pt"
+    if residual.is_file():
+        actual["residual_calibration"] = _tensor_summary(torch.load(residual, weights_only=True))
     pins = json.loads(PINS.read_text())
     if RECORD:
         pins[f"training_{variant}"] = actual
@@ -198,3 +210,5 @@ def test_training_is_pinned(phantoms: Path, tmp_path: Path, variant: str) -> Non
     for name, maps in expected.get("normal_stats", {}).items():
         for key, want in maps.items():
             np.testing.assert_allclose(actual["normal_stats"][name][key], want, rtol=1e-4, atol=1e-6)
+    for key, want in expected.get("residual_calibration", {}).items():
+        np.testing.assert_allclose(actual["residual_calibration"][key], want, rtol=1e-4, atol=1e-6, err_msg=key)

@@ -87,7 +87,7 @@ def _rows(path: Path) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
-def test_pictures_with_a_missing_empty_or_wrong_size_mask_are_named_and_the_others_scored(tmp_path):
+def test_pictures_with_a_missing_empty_or_wrong_size_mask_are_named_and_the_others_scored(tmp_path, untrained):
     images, masks = tmp_path / "train", tmp_path / "train_masks"
     images.mkdir(), masks.mkdir()
     rng = np.random.default_rng(0)
@@ -107,7 +107,7 @@ def test_pictures_with_a_missing_empty_or_wrong_size_mask_are_named_and_the_othe
     parser = ConfigParser()
     parser.read_config([str(ROOT / "configs" / c) for c in ("inference.json", "dermoscopy.json")])
     parser.update(small)
-    torch.save(parser.get_parsed_content("network_def").state_dict(), tmp_path / "model.pt")
+    untrained(parser.get_parsed_content("network_def").state_dict(), tmp_path / "model.pt", channels=3)
     datalist = tmp_path / "datalist.json"
     write_json(build_datalist(images, labels_csv=tmp_path / "train_labels.csv", masks_dir=masks, val_fraction=0.0,
                               test_fraction=1.0), datalist)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from scripts.scoring.maps import one_sided_errors, pixel_errors
+from scripts.scoring.maps import one_sided_errors, pixel_errors, residuals
 from scripts.scoring.patches import aggregate_slices, checkerboard_masks, grid_to_image, patch_grid, ranking_score
 
 
@@ -71,6 +71,45 @@ def test_one_sided_errors_count_only_the_lesion_sign():
     assert two_channels.item() == 2.0  # (2**2 + 0) / 2 channels
     assert torch.equal(one_sided_errors(image, recon) + one_sided_errors(image, recon, brighter=False),
                        pixel_errors(image, recon))
+
+
+def test_calibrated_residuals_are_z_scores_for_what_the_in_painting_drew():
+    # one channel, two bins split at 0.5: where the in-painting drew dark (<= 0.5) normal tissue is 0.4 brighter
+    # (spread 0.2), where it drew bright it is 0.1 darker (spread 0.1)
+    calibration = {"edges": torch.tensor([[0.5]]), "mean": torch.tensor([[0.4, -0.1]]), "std": torch.tensor([[0.2, 0.1]])}
+    recon = torch.tensor([[[[0.2, 0.2], [0.8, 0.8]]]])
+    image = torch.tensor([[[[0.6, 1.0], [0.7, 1.0]]]])
+    z = residuals(image, recon, calibration)
+    torch.testing.assert_close(z, torch.tensor([[[[0.0, 2.0], [0.0, 3.0]]]]))
+    torch.testing.assert_close(residuals(image, recon), image - recon)  # no calibration: the plain residual
+    # the same +0.4 residual is normal where the in-painting drew dark and hyperintense where it drew bright
+    bright = one_sided_errors(image, recon, calibration=calibration)
+    torch.testing.assert_close(bright, torch.tensor([[[[0.0, 4.0], [0.0, 9.0]]]]))
+    torch.testing.assert_close(pixel_errors(image, recon, calibration=calibration), bright)
+    with pytest.raises(ValueError, match="1 channel"):
+        residuals(image.repeat(1, 3, 1, 1), recon.repeat(1, 3, 1, 1), calibration)
+
+
+def test_residual_calibration_recovers_the_bias_of_each_in_painted_value():
+    from scripts.scoring.calibration import ResidualSample
+
+    torch.manual_seed(0)
+    recon = torch.rand(64, 1, 16, 16) * 0.9 + 0.1  # all foreground ("nonzero")
+    bias = torch.where(recon < 0.5, torch.tensor(0.3), torch.tensor(-0.2))
+    image = recon + bias + 0.05 * torch.randn_like(recon)
+    sample = ResidualSample("nonzero", pixels_per_slice=64)
+    sample.add(image.clamp_min(1e-3), recon)
+    calibration = sample.result(bins=4)
+    assert calibration["edges"].shape == (1, 3) and calibration["mean"].shape == (1, 4)
+    torch.testing.assert_close(calibration["edges"][0], torch.tensor([0.325, 0.55, 0.775]), atol=0.02, rtol=0)
+    # bin 0 lies below 0.5, bins 2 and 3 above it; bin 1 straddles it
+    torch.testing.assert_close(calibration["mean"][0, [0, 2, 3]], torch.tensor([0.3, -0.2, -0.2]), atol=0.01, rtol=0)
+    torch.testing.assert_close(calibration["std"][0, [0, 3]], torch.tensor([0.05, 0.05]), atol=0.01, rtol=0)
+    assert sum(len(v) for v in sample.values[0]) == 64 * 64  # at most pixels_per_slice per slice were kept
+    with pytest.raises(ValueError, match="at least 40 normal foreground pixels"):
+        tiny = ResidualSample("nonzero")
+        tiny.add(image[:1, :, :2, :2], recon[:1, :, :2, :2])
+        tiny.result(bins=4)
 
 
 def test_heatmap_repeats_each_patch_error_over_its_square():

@@ -6,7 +6,8 @@ The name and version come from ``configs/metadata.json``. The zip holds ``config
 
 ``models/`` receives the files found in the bundle's ``models/`` folder (``model.pt``, the reconstructor that
 ``configs/inference.json`` loads; ``checkpoint_best.pt``, read for the critic score map when training kept no
-snapshots; ``critic_snapshots.pt``, the critics that map averages when it did; ``normal_stats.pt``) except the
+snapshots; ``critic_snapshots.pt``, the critics that map averages when it did; ``normal_stats.pt``;
+``residual_calibration.pt``, which the default residual maps read) except the
 checkpoints that only resume training (``checkpoint_final.pt`` and the periodic ``*epoch=*`` / ``*iteration=*``
 saves: pass one with ``--weights`` to ship it anyway), and every ``--weights`` file, which replaces a file of the
 same name. ``--require-weights`` fails unless ``models/model.pt`` is packaged. A model

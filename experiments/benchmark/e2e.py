@@ -20,6 +20,7 @@ from experiments.benchmark.common import (
     prepare_network,
     reset_gpu_peak,
     sync_device,
+    timing_residual_calibration,
 )
 from experiments.benchmark.data import phantom_slices, write_datalist
 from scripts.config import uses_bf16
@@ -109,6 +110,7 @@ def bench_e2e(args: argparse.Namespace, items: Sequence[dict[str, Any]], work: P
         parser = load_config("inference.json", args, extra)
         network = parser.get_parsed_content("network")
         torch.save(network.state_dict(), work / "e2e_model.pt")  # random weights: speed does not depend on them
+        torch.save(timing_residual_calibration(), work / "residual_calibration.pt")
         prepare_network(network, args)
         parser.get_parsed_content("initialize")
         timer = StageTimer(device)

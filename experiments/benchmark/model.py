@@ -8,7 +8,15 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from experiments.benchmark.common import Clock, lazy_torch, load_config, memory_figures, prepare_network, reset_gpu_peak
+from experiments.benchmark.common import (
+    Clock,
+    lazy_torch,
+    load_config,
+    memory_figures,
+    prepare_network,
+    reset_gpu_peak,
+    timing_residual_calibration,
+)
 from experiments.benchmark.data import phantom_slices
 from scripts.config import uses_bf16
 
@@ -75,6 +83,7 @@ def bench_model(args: argparse.Namespace) -> dict[str, Any]:
         "ranking": base.weights is not None, "inpaint_stride": base.inpaint_stride,
         "min_brain_fraction": base.min_brain_fraction, "foreground": base.foreground,
         "volume_aggregation": base.volume_aggregation, "top_k_slices": base.top_k_slices,
+        "residual_calibration": timing_residual_calibration() if base.residual_calibration else None,
     }
     plain_network = None
     if args.check_slices:

@@ -51,6 +51,7 @@ from experiments.compare.runs import (
     RUNNABLE,
     VARIANTS,
     Settings,
+    configured_grid,
     run_folds,
     small_preset,
 )
@@ -80,7 +81,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--folds", type=int, help="number of patient folds with --dataset (default: min(4, cases))")
     parser.add_argument("--val-fraction", type=float, default=0.25, help="--train cases kept for validation")
     parser.add_argument("--image-size", type=int, help="network input size (default: the configs', 256)")
-    parser.add_argument("--patch-size", type=int, help="scoring patch size (default: image size / 8)")
+    parser.add_argument("--patch-size", type=int,
+                        help="scoring patch size (default: the image size over the configs' grid, e.g. 64 / 8 = 8; "
+                             "configs/clinical_flair.json scores on a 16x16 grid)")
     parser.add_argument("--max-epochs", type=int, help="training epochs (default: the configs', 100)")
     parser.add_argument("--val-interval", type=int, help="epochs between validations (default: max epochs / 5)")
     parser.add_argument("--batch-size", type=int, help="training batch size (default: the configs')")
@@ -136,6 +139,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
     out.mkdir(parents=True, exist_ok=True)
     folds, described = make_folds(args, out)
     small = small_preset() if args.image_size and args.image_size < FULL_SIZE and not args.channels else {}
+    extra_configs = ["dermoscopy.json"] if described["layout"] == "images" else []
+    overlay_configs = [str(Path(c).resolve()) for c in args.config]
     settings = Settings(
         image_size=args.image_size, patch_size=args.patch_size, max_epochs=args.max_epochs,
         val_interval=args.val_interval, batch_size=args.batch_size or small.get("batch_size"),
@@ -144,8 +149,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
         num_workers=args.num_workers, seed=args.seed, fpr=args.fpr, threshold_rule=args.threshold_rule,
         normal_stats=args.normal_stats,
         overrides=overrides,
-        extra_configs=["dermoscopy.json"] if described["layout"] == "images" else [],
-        overlay_configs=[str(Path(c).resolve()) for c in args.config],
+        extra_configs=extra_configs,
+        overlay_configs=overlay_configs,
+        grid=configured_grid([str(CONFIGS / c) for c in ("inference.json", *extra_configs)] + overlay_configs),
         train_configs=[str(Path(c).resolve()) for c in args.train_config],
     )
     patches = None

@@ -57,6 +57,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "patchgan_hyperintense_volume_lower_half": (
         "patchgan", {"score_maps": ["hyperintense"], "slice_standardisation": "volume_lower_half"},
     ),
+    "patchgan_calibrated": ("patchgan", {"calibrated_residuals": True}),
+    "patchgan_uncalibrated": ("patchgan", {"calibrated_residuals": False}),
 }
 RUNNABLE = {**METHODS, **VARIANTS}
 # model -> override config files merged onto train.json and inference.json
@@ -90,6 +92,8 @@ DISPLAY = {
     "patchgan_no_ranking_hyperintense_volume_z": "Patch-GAN, no ranking, hyperintense error map, volume z",
     "patchgan_hypointense": "Patch-GAN, ranking, hypointense error map",
     "patchgan_hyperintense_volume_lower_half": "Patch-GAN, ranking, hyperintense error map, volume z (lower half)",
+    "patchgan_calibrated": "Patch-GAN, ranking, the configs' map of the calibrated residual",
+    "patchgan_uncalibrated": "Patch-GAN, ranking, the configs' map of the plain residual",
     "trivial_intensity": "trivial: brightest foreground intensity",
     "trivial_intensity_volume_z": "trivial: brightest foreground intensity, volume z",
     "trivial_intensity_volume_lower_half": "trivial: brightest foreground intensity, volume z (lower half)",
@@ -111,6 +115,7 @@ class Settings:
 
     image_size: int | None = None
     patch_size: int | None = None
+    grid: int = 8  # patches per side when only image_size is given (configured_grid)
     max_epochs: int | None = None
     val_interval: int | None = None
     batch_size: int | None = None
@@ -132,7 +137,7 @@ class Settings:
         out: dict[str, Any] = {"bundle_root": str(ROOT), "num_workers": self.num_workers}
         if self.image_size:
             out["image_size"] = self.image_size
-            out["patch_size"] = self.patch_size or max(1, self.image_size // 8)  # 32 at 256, as the paper
+            out["patch_size"] = self.patch_size or max(1, self.image_size // self.grid)
         elif self.patch_size:
             out["patch_size"] = self.patch_size
         if self.channels:
@@ -159,6 +164,16 @@ class Settings:
         if self.learning_rate:
             out["learning_rate"] = self.learning_rate
         return {**self.common(model), **out, **self.overrides}
+
+
+def configured_grid(configs: Sequence[str]) -> int:
+    """Patches per side that the merged inference ``configs`` score on: ``image_size // patch_size`` (8 in
+    configs/inference.json, the paper's 32-px patches at 256; 16 with configs/clinical_flair.json), which a
+    comparison at another ``--image-size`` keeps."""
+    from scripts.config import bundle_parser
+
+    config = bundle_parser(list(configs), {"bundle_root": str(ROOT)})
+    return int(config.get_parsed_content("image_size")) // int(config.get_parsed_content("patch_size"))
 
 
 def run_bundle(run_id: str, configs: Sequence[str], overrides: Mapping[str, Any]) -> None:

@@ -37,6 +37,7 @@ INFERENCE_OVERRIDES: dict[str, Any] = {
     "network_def": {"_target_": "scripts.baselines.ocsvm.PixelOCSVM", "size": 32},
     "inferer#_target_": "scripts.baselines.ocsvm.OCSVMInferer",
     "write_heatmaps": False,  # the OCSVM does not localise: no heatmap rather than an empty one
+    "calibrated_residuals": False,  # nor does it reconstruct: no residual to calibrate
 }
 
 

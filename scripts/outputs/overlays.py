@@ -66,6 +66,6 @@ def overlay_figure(
             ax.set_xticks([])
             ax.set_yticks([])
         axes[0, col].set_title(titles[col], fontsize=9)
-    fig.colorbar(shown, ax=axes.ravel().tolist(), shrink=0.6, label="patch reconstruction error")
+    fig.colorbar(shown, ax=axes.ravel().tolist(), shrink=0.6, label="patch anomaly score (mean of the score map)")
     fig.suptitle("top: input (cyan: lesion mask when known) - bottom: anomaly heatmap", fontsize=10)
     save_figure(fig, path)

@@ -7,6 +7,7 @@ scores from ``inferer(inputs, network)``.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ from scripts.scoring.maps import (
     standardise,
 )
 from scripts.scoring.patches import aggregate_slices, checkerboard_masks, grid_to_image, patch_grid, ranking_score
+
+logger = logging.getLogger(__name__)
 
 TEST_INPUTS = ("inpaint", "image")
 SLICE_STANDARDISATIONS = ("none", "volume", "volume_lower_half")
@@ -87,6 +90,11 @@ class PatchRankingInferer(Inferer):
             scanner, head size or shading adds to every slice cancels out and one threshold holds across patients. The
             volume score is aggregated from the raw slice scores (a z-score against itself says nothing about
             the whole volume).
+        residual_calibration: the residual's normal mean and spread per in-painted value (a dict, or the path of
+            the ``residual_calibration.pt`` that ``scripts.scoring.calibration`` writes next to the weights, read
+            when first needed, as the weights are: a bundle initialises without it); when given, the squared and
+            one-sided maps are made of the calibrated residual (``maps.residuals``). Not with ``normal_stats``,
+            which describe the uncalibrated maps.
     """
 
     def __init__(
@@ -107,6 +115,7 @@ class PatchRankingInferer(Inferer):
         critic: torch.nn.Module | None = None,
         normal_stats: str | dict | None = None,
         slice_standardisation: str = "none",
+        residual_calibration: str | dict | None = None,
     ) -> None:
         super().__init__()
         if slice_standardisation not in SLICE_STANDARDISATIONS:
@@ -118,6 +127,8 @@ class PatchRankingInferer(Inferer):
             raise ValueError(f"score_maps {sorted(set(CRITIC_MAPS) & set(score_maps))} need the trained critic as `critic`")
         if len(score_maps) > 1 and not normal_stats:
             raise ValueError("combining several score_maps needs normal_stats to put them on one scale")
+        if normal_stats and residual_calibration:
+            raise ValueError("normal_stats describe the uncalibrated maps: use normal_stats or residual_calibration, not both")
         if test_input not in TEST_INPUTS:
             raise ValueError(f"unknown test_input {test_input!r}: use one of {TEST_INPUTS}")
         if foreground not in FOREGROUND_MODES:
@@ -133,8 +144,32 @@ class PatchRankingInferer(Inferer):
         self.volume_aggregation, self.top_k_slices = volume_aggregation, top_k_slices
         self.slice_batch_size, self.amp = slice_batch_size, amp
         self.score_maps, self.critic = tuple(score_maps), critic
-        self.normal_stats = load_normal_stats(normal_stats) if isinstance(normal_stats, str) else normal_stats
+        self.normal_stats = load_calibration(normal_stats) if isinstance(normal_stats, str) else normal_stats
+        self.residual_calibration = residual_calibration
         self.slice_standardisation = slice_standardisation
+
+    def geometry(self) -> torch.Tensor:
+        """How this inferer reconstructs: ``[image_size, patch_size, inpaint_stride, in-painting (1) or not (0)]``.
+        The residual of an in-painting depends on the size of its holes, so a residual calibration records the
+        geometry it was fitted with (``scripts.scoring.calibration``)."""
+        return torch.tensor([self.image_size, self.patch_size, self.inpaint_stride, int(self.test_input == "inpaint")])
+
+    def residual_table(self) -> dict[str, torch.Tensor] | None:
+        """The residual calibration, read from its file on first use; warns once when it was fitted on
+        reconstructions made another way than this inferer's (``geometry``)."""
+        if isinstance(self.residual_calibration, str):
+            path = self.residual_calibration
+            self.residual_calibration = load_calibration(path, "residual calibration")
+            self._check_calibration_geometry(path)
+        return self.residual_calibration
+
+    def _check_calibration_geometry(self, where: str) -> None:
+        fitted = self.residual_calibration.get("geometry")
+        if fitted is not None and not torch.equal(fitted.long(), self.geometry()):
+            logger.warning(
+                "%s was fitted with [image_size, patch_size, inpaint_stride, inpaint] = %s, this inferer uses %s: the "
+                "residual's normal size depends on the in-painting, so refit it (run id calibrate of configs/train.json "
+                "with the inference settings)", where, fitted.long().tolist(), self.geometry().tolist())
 
     def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The anomaly heatmap of ``inputs``, same layout and spatial size (what MONAI Label shows as ``pred``)."""
@@ -174,9 +209,10 @@ class PatchRankingInferer(Inferer):
         maps = {}
         for name in names or self.score_maps:
             if name == "squared":
-                maps[name] = pixel_errors(images, recon, region)
+                maps[name] = pixel_errors(images, recon, region, self.residual_table())
             elif name in ("hyperintense", "hypointense"):
-                maps[name] = one_sided_errors(images, recon, region, brighter=name == "hyperintense")
+                brighter = name == "hyperintense"
+                maps[name] = one_sided_errors(images, recon, region, brighter, self.residual_table())
             elif name == "ssim":
                 maps[name] = ssim_error_map(images, recon, region)
             elif name == "critic":
@@ -253,13 +289,16 @@ def within_volume_z(scores: torch.Tensor, lower_half: bool = False) -> torch.Ten
     return (scores - median) / mad.clamp_min(1e-6 * float(median.abs()) + 1e-12)
 
 
-def load_normal_stats(path: str) -> dict[str, dict[str, torch.Tensor]]:
-    """The per-pixel normal statistics written by ``scripts.scoring.calibration`` (tensors only: no pickled code)."""
+def load_calibration(path: str, what: str = "normal statistics") -> dict[str, Any]:
+    """A calibration file written by ``scripts.scoring.calibration`` (``normal_stats.pt`` or
+    ``residual_calibration.pt``; tensors only: no pickled code), with a clear error naming the file."""
     from scripts.data.io import InputError
 
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as error:
-        raise InputError(f"{path}: normal statistics file not found") from error
+        hint = "; or score the plain residual: calibrated_residuals false" if what == "residual calibration" else ""
+        raise InputError(f"{path}: {what} file not found (written at the end of training; python -m monai.bundle run "
+                         f"calibrate --config_file configs/train.json ... writes it again{hint})") from error
     except Exception as error:  # unpickling errors of many kinds: a text file, a pickle with code, a truncated file
-        raise InputError(f"{path}: not a normal statistics file ({type(error).__name__}: {error})") from error
+        raise InputError(f"{path}: not a {what} file ({type(error).__name__}: {error})") from error

@@ -3,36 +3,75 @@
 ``squared`` error (the paper), ``hyperintense`` / ``hypointense`` (squared error only where the input is brighter /
 darker than its reconstruction), ``ssim`` (1 - SSIM), the PatchGAN ``critic``'s own judgement, ``feature`` distance
 between the critic's features of the input and of the reconstruction, and ``standardise`` (z-maps against
-normal statistics). Each map is zero outside ``region`` (the foreground of ``scripts.data.rules``).
+normal statistics). The three residual maps take an optional residual calibration (``residuals``). Each map is zero
+outside ``region`` (the foreground of ``scripts.data.rules``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
+ResidualCalibration = Mapping[str, torch.Tensor]  # "edges" (C, B - 1), "mean" and "std" (C, B): one row per channel
 
-def pixel_errors(image: torch.Tensor, recon: torch.Tensor, region: torch.Tensor | None = None) -> torch.Tensor:
-    """Squared reconstruction error averaged over channels, ``(N, 1, H, W)``; zero outside ``region``."""
-    err = (image.float() - recon.float()).pow(2).mean(dim=1, keepdim=True)
+
+def residuals(image: torch.Tensor, recon: torch.Tensor, calibration: ResidualCalibration | None = None) -> torch.Tensor:
+    """The residual ``image - recon`` per channel, ``(N, C, H, W)``; with ``calibration``, its z-score given the
+    in-painted value: ``(r - mean[b]) / std[b]``, ``b`` the bin of ``recon``'s value among ``edges``.
+
+    What a normal residual is depends on what the in-painting drew. It regresses to the mean: on TCGA-LGG FLAIR,
+    where it draws dark tissue (CSF, sulci, the brain's rim) the true normal tissue is on average 0.3-0.5 brighter
+    (in normalised intensity), where it draws bright tissue a little darker. A plain one-sided map counts the first
+    as hyperintensity. The calibration, fitted on normal validation pixels
+    (``scripts.scoring.calibration.ResidualSample``), subtracts the residual that normal tissue shows at
+    that in-painted value and divides by its spread there, so the map measures how unusual a residual is for what
+    was drawn.
+    """
+    residual = image.float() - recon.float()
+    if calibration is None:
+        return residual
+    edges, mean, std = (calibration[key].to(residual.device) for key in ("edges", "mean", "std"))
+    if edges.shape[0] != residual.shape[1]:
+        raise ValueError(f"the residual calibration has {edges.shape[0]} channel(s), the images {residual.shape[1]}")
+    out = torch.empty_like(residual)
+    for channel in range(residual.shape[1]):
+        bins = torch.bucketize(recon[:, channel].float().contiguous(), edges[channel].contiguous())
+        out[:, channel] = (residual[:, channel] - mean[channel][bins]) / std[channel][bins]
+    return out
+
+
+def pixel_errors(
+    image: torch.Tensor,
+    recon: torch.Tensor,
+    region: torch.Tensor | None = None,
+    calibration: ResidualCalibration | None = None,
+) -> torch.Tensor:
+    """Squared reconstruction error (of the calibrated residual with ``calibration``) averaged over channels,
+    ``(N, 1, H, W)``; zero outside ``region``."""
+    err = residuals(image, recon, calibration).pow(2).mean(dim=1, keepdim=True)
     return _within(err, region)
 
 
 def one_sided_errors(
-    image: torch.Tensor, recon: torch.Tensor, region: torch.Tensor | None = None, brighter: bool = True
+    image: torch.Tensor,
+    recon: torch.Tensor,
+    region: torch.Tensor | None = None,
+    brighter: bool = True,
+    calibration: ResidualCalibration | None = None,
 ) -> torch.Tensor:
-    """Squared error only where the input is brighter (``brighter``) or darker than its reconstruction,
-    ``(N, 1, H, W)``, averaged over channels; zero outside ``region``.
+    """Squared error only where the input is brighter (``brighter``) or darker than its reconstruction (with
+    ``calibration``: than normal tissue of that in-painted brightness is), ``(N, 1, H, W)``, averaged over
+    channels; zero outside ``region``.
 
     An in-painting draws normal tissue. FLAIR lesions (tumour, oedema, white-matter lesions) are brighter than
     the tissue they replace, skin lesions darker than skin: the error of the other sign is normal anatomy drawn a
     little off (a dark sulcus or ventricle drawn wide, a bright hair missed) and counts nothing. The one-sided
     residual is the usual choice for FLAIR in unsupervised lesion detection.
     """
-    difference = image.float() - recon.float() if brighter else recon.float() - image.float()
-    err = difference.clamp_min(0).pow(2).mean(dim=1, keepdim=True)
+    residual = residuals(image, recon, calibration)
+    err = (residual if brighter else -residual).clamp_min(0).pow(2).mean(dim=1, keepdim=True)
     return _within(err, region)
 
 
