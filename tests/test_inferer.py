@@ -1,5 +1,7 @@
 """PatchRankingInferer: shapes, in-painting passes, slice selection and scores on hand-made networks."""
 
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -157,6 +159,10 @@ def test_calibration_writes_the_residual_calibration_that_inference_reads(tmp_pa
     with caplog.at_level("WARNING"):
         other.residual_table()
     assert "refit it" in caplog.text and "[16, 4, 2, 0]" in caplog.text and "[16, 8, 2, 1]" in caplog.text
+    # a retraining writes a new table beside the new weights: the same inferer reads it (MONAI Label keeps inferers)
+    torch.save({**table, "mean": table["mean"] + 1.0}, tmp_path / "residual.pt")
+    os.utime(tmp_path / "residual.pt", ns=(1, 10**18))  # a different modification time, whatever the clock's grain
+    torch.testing.assert_close(calibrated.residual_table()["mean"], table["mean"] + 1.0)
     with pytest.raises(ValueError, match="not both"):
         PatchRankingInferer(image_size=16, patch_size=4, normal_stats=str(tmp_path / "stats.pt"),
                             residual_calibration=str(tmp_path / "residual.pt"))

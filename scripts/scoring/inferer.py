@@ -8,6 +8,7 @@ scores from ``inferer(inputs, network)``.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ import torch
 from monai.inferers import Inferer
 
 from scripts.config import require_bool, uses_bf16
+from scripts.data.io import InputError
 from scripts.data.rules import FOREGROUND_MODES, axial_slices, foreground, select_slices, stack_to_volume
 from scripts.data.transforms import resize_slices
 from scripts.scoring.maps import (
@@ -92,7 +94,8 @@ class PatchRankingInferer(Inferer):
             the whole volume).
         residual_calibration: the residual's normal mean and spread per in-painted value (a dict, or the path of
             the ``residual_calibration.pt`` that ``scripts.scoring.calibration`` writes next to the weights, read
-            when first needed, as the weights are: a bundle initialises without it); when given, the squared and
+            when first needed and again whenever the file changes, as the weights are: a bundle initialises
+            without it, and a server that retrains picks up the new one); when given, the squared and
             one-sided maps are made of the calibrated residual (``maps.residuals``). Not with ``normal_stats``,
             which describe the uncalibrated maps.
     """
@@ -146,6 +149,8 @@ class PatchRankingInferer(Inferer):
         self.score_maps, self.critic = tuple(score_maps), critic
         self.normal_stats = load_calibration(normal_stats) if isinstance(normal_stats, str) else normal_stats
         self.residual_calibration = residual_calibration
+        self._residual_file: tuple[str, int, int] | None = None  # (path, mtime_ns, size) of the table read
+        self._residual_table: dict[str, torch.Tensor] | None = None
         self.slice_standardisation = slice_standardisation
 
     def geometry(self) -> torch.Tensor:
@@ -155,16 +160,25 @@ class PatchRankingInferer(Inferer):
         return torch.tensor([self.image_size, self.patch_size, self.inpaint_stride, int(self.test_input == "inpaint")])
 
     def residual_table(self) -> dict[str, torch.Tensor] | None:
-        """The residual calibration, read from its file on first use; warns once when it was fitted on
-        reconstructions made another way than this inferer's (``geometry``)."""
-        if isinstance(self.residual_calibration, str):
-            path = self.residual_calibration
-            self.residual_calibration = load_calibration(path, "residual calibration")
-            self._check_calibration_geometry(path)
-        return self.residual_calibration
+        """The residual calibration; a path is read on first use and again when the file has changed (a server
+        that retrains writes a new one beside the new weights). Warns when the table was fitted on reconstructions
+        made another way than this inferer's (``geometry``)."""
+        source = self.residual_calibration
+        if not isinstance(source, (str, os.PathLike)):
+            return source
+        try:
+            status = os.stat(source)
+            stamp = (str(source), status.st_mtime_ns, status.st_size)
+        except FileNotFoundError:
+            stamp = None  # load_calibration names the missing file
+        if stamp is None or stamp != self._residual_file:
+            self._residual_table = load_calibration(str(source), "residual calibration")
+            self._residual_file = stamp
+            self._check_calibration_geometry(str(source))
+        return self._residual_table
 
     def _check_calibration_geometry(self, where: str) -> None:
-        fitted = self.residual_calibration.get("geometry")
+        fitted = self._residual_table.get("geometry")
         if fitted is not None and not torch.equal(fitted.long(), self.geometry()):
             logger.warning(
                 "%s was fitted with [image_size, patch_size, inpaint_stride, inpaint] = %s, this inferer uses %s: the "
@@ -292,8 +306,6 @@ def within_volume_z(scores: torch.Tensor, lower_half: bool = False) -> torch.Ten
 def load_calibration(path: str, what: str = "normal statistics") -> dict[str, Any]:
     """A calibration file written by ``scripts.scoring.calibration`` (``normal_stats.pt`` or
     ``residual_calibration.pt``; tensors only: no pickled code), with a clear error naming the file."""
-    from scripts.data.io import InputError
-
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as error:
