@@ -162,16 +162,6 @@ def load_config(name: str, args: argparse.Namespace, extra: dict[str, Any] | Non
     return parser
 
 
-def timing_residual_calibration(channels: int = 1) -> dict[str, Any]:
-    """A residual calibration of the trained size (24 bins) that leaves the residual as it is (mean 0, std 1): random
-    weights have no calibration of their own, and the lookup costs the same whatever its numbers."""
-    torch = lazy_torch()
-    from scripts.scoring.calibration import RESIDUAL_BINS
-
-    edges = torch.linspace(0, 1, RESIDUAL_BINS + 1)[1:-1].repeat(channels, 1)
-    return {"edges": edges, "mean": torch.zeros(channels, RESIDUAL_BINS), "std": torch.ones(channels, RESIDUAL_BINS)}
-
-
 def prepare_network(network: Any, args: argparse.Namespace) -> Any:
     """The optional speed-ups applied to a config-built network in place: channels_last, ``Module.compile``.
 

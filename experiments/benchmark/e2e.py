@@ -20,7 +20,6 @@ from experiments.benchmark.common import (
     prepare_network,
     reset_gpu_peak,
     sync_device,
-    timing_residual_calibration,
 )
 from experiments.benchmark.data import phantom_slices, write_datalist
 from scripts.config import uses_bf16
@@ -107,10 +106,12 @@ def bench_e2e(args: argparse.Namespace, items: Sequence[dict[str, Any]], work: P
                  "ckpt_path": str(work / "e2e_model.pt"), "test_input": args.test_input}
         if args.slice_batch_size:
             extra["slice_batch_size"] = args.slice_batch_size
+        from scripts.scoring.calibration import RESIDUAL_BINS, neutral_residual_calibration
+
         parser = load_config("inference.json", args, extra)
         network = parser.get_parsed_content("network")
         torch.save(network.state_dict(), work / "e2e_model.pt")  # random weights: speed does not depend on them
-        torch.save(timing_residual_calibration(), work / "residual_calibration.pt")
+        torch.save(neutral_residual_calibration(bins=RESIDUAL_BINS), work / "residual_calibration.pt")  # as trained
         prepare_network(network, args)
         parser.get_parsed_content("initialize")
         timer = StageTimer(device)

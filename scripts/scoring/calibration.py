@@ -25,6 +25,7 @@ from scripts.data import io
 from scripts.data.rules import foreground
 from scripts.model.checkpoints import critic_ensemble, has_critic_snapshots
 from scripts.scoring.inferer import CRITIC_MAPS, SCORE_MAPS, PatchRankingInferer
+from scripts.scoring.maps import residuals
 
 RESIDUAL_BINS = 24  # quantile bins of the in-painted value; 8 to 48 gave the same TCGA-LGG validation AUROC
 PIXELS_PER_SLICE = 4096  # foreground pixels sampled per slice and channel for the residual calibration
@@ -88,9 +89,10 @@ class ResidualSample:
         if not self.values:
             self.values, self.residuals = [[] for _ in range(images.shape[1])], [[] for _ in range(images.shape[1])]
         limit = self.pixels_per_slice * len(images)
+        difference = residuals(images, recon)
         for channel in range(images.shape[1]):
             keep = region[:, channel]
-            value, residual = recon[:, channel][keep], (images - recon)[:, channel][keep]
+            value, residual = recon[:, channel][keep], difference[:, channel][keep]
             if value.numel() > limit:
                 chosen = torch.randperm(value.numel(), generator=self.generator)[:limit]
                 value, residual = value[chosen], residual[chosen]
@@ -126,10 +128,12 @@ class ResidualSample:
         return {"edges": torch.stack(edges).float(), "mean": torch.stack(means).float(), "std": torch.stack(stds).float()}
 
 
-def neutral_residual_calibration(channels: int = 1) -> dict[str, torch.Tensor]:
-    """A residual calibration that changes nothing (one bin, mean 0, std 1): what an untrained model has, so that
-    a bundle seeded with random weights (e.g. a new MONAI Label app) scores with the plain residual."""
-    return {"edges": torch.zeros(channels, 0), "mean": torch.zeros(channels, 1), "std": torch.ones(channels, 1)}
+def neutral_residual_calibration(channels: int = 1, bins: int = 1) -> dict[str, torch.Tensor]:
+    """A residual calibration that changes nothing (mean 0, std 1 in every bin): what an untrained model has, so that
+    a bundle seeded with random weights (e.g. a new MONAI Label app) scores with the plain residual. ``bins`` (evenly
+    spaced over 0-1) only sets the size of the table, e.g. ``RESIDUAL_BINS`` to time the lookup as trained."""
+    edges = torch.linspace(0, 1, bins + 1)[1:-1].repeat(channels, 1)
+    return {"edges": edges, "mean": torch.zeros(channels, bins), "std": torch.ones(channels, bins)}
 
 
 @torch.no_grad()
@@ -139,13 +143,17 @@ def fit_normal_statistics(
     batches: Iterable[torch.Tensor],
     names: Sequence[str] | None = None,
     min_std_fraction: float = 0.1,
+    residual_sample: ResidualSample | None = None,
 ) -> dict[str, dict[str, torch.Tensor]]:
     """Per-pixel mean and std ``(1, 1, S, S)`` of each map (``names``, default every map the inferer can make) over
-    normal slices given in ``(B, C, S, S)`` batches (``MapMoments``)."""
+    normal slices given in ``(B, C, S, S)`` batches (``MapMoments``); the same reconstructions also go into
+    ``residual_sample`` when one is given (one pass for both calibrations)."""
     names = map_names(inferer, names)
     moments = MapMoments()
     for images, recon in reconstructions(inferer, network, batches):
         moments.add(inferer.raw_maps(images, recon, names))
+        if residual_sample is not None:
+            residual_sample.add(images, recon)
     return moments.result(min_std_fraction)
 
 
@@ -191,15 +199,11 @@ def save_normal_statistics(
         inferer.critic.load_state_dict(checkpoint["critic"])
     device = next(network.parameters()).device
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    names = map_names(inferer, names)
-    moments, sample = MapMoments(), ResidualSample(inferer.foreground)
-    for images, recon in reconstructions(inferer, network, (batch["image"].to(device) for batch in loader)):
-        moments.add(inferer.raw_maps(images, recon, names))
-        if residual_path:
-            sample.add(images, recon)
-    stats = moments.result()
+    sample = ResidualSample(inferer.foreground) if residual_path else None
+    stats = fit_normal_statistics(inferer, network, (batch["image"].to(device) for batch in loader), names,
+                                  residual_sample=sample)
     io.write_atomic(path, lambda handle: torch.save(stats, handle))
-    if residual_path:
+    if sample is not None:
         calibration = {**sample.result(residual_bins), "geometry": inferer.geometry()}
         io.write_atomic(residual_path, lambda handle: torch.save(calibration, handle))
     return stats

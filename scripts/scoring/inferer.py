@@ -172,7 +172,8 @@ class PatchRankingInferer(Inferer):
         except FileNotFoundError:
             stamp = None  # load_calibration names the missing file
         if stamp is None or stamp != self._residual_file:
-            self._residual_table = load_calibration(str(source), "residual calibration")
+            self._residual_table = load_calibration(
+                str(source), "residual calibration", "; or score the plain residual: calibrated_residuals false")
             self._residual_file = stamp
             self._check_calibration_geometry(str(source))
         return self._residual_table
@@ -303,13 +304,13 @@ def within_volume_z(scores: torch.Tensor, lower_half: bool = False) -> torch.Ten
     return (scores - median) / mad.clamp_min(1e-6 * float(median.abs()) + 1e-12)
 
 
-def load_calibration(path: str, what: str = "normal statistics") -> dict[str, Any]:
+def load_calibration(path: str, what: str = "normal statistics", hint: str = "") -> dict[str, Any]:
     """A calibration file written by ``scripts.scoring.calibration`` (``normal_stats.pt`` or
-    ``residual_calibration.pt``; tensors only: no pickled code), with a clear error naming the file."""
+    ``residual_calibration.pt``; tensors only: no pickled code), with a clear error naming the file (and ``hint``,
+    another way out, when it is missing)."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as error:
-        hint = "; or score the plain residual: calibrated_residuals false" if what == "residual calibration" else ""
         raise InputError(f"{path}: {what} file not found (written at the end of training; python -m monai.bundle run "
                          f"calibrate --config_file configs/train.json ... writes it again{hint})") from error
     except Exception as error:  # unpickling errors of many kinds: a text file, a pickle with code, a truncated file
