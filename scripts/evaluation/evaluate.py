@@ -42,10 +42,9 @@ from scripts.data.io import read_mask, read_mask_2d, read_volume
 from scripts.data.rules import background_foreground, is_2d_image, relative_levels
 from scripts.evaluation.metrics import (
     MAX_PIXELS,
-    THRESHOLD_RULES,
     Series,
+    check_threshold_rule,
     clustered_rate_ci,
-    cross_fitted_level,
     detection_metrics,
     level_adjusted_auc,
     level_dependence,
@@ -54,6 +53,7 @@ from scripts.evaluation.metrics import (
     region_pixels,
     subsample,
     threshold_from_normal,
+    threshold_level,
 )
 from scripts.evaluation.plots import TRIVIAL_PREFIX, plot_roc, plot_score_distribution
 from scripts.evaluation.report import json_safe, metrics_markdown
@@ -113,8 +113,7 @@ def evaluate(
     """
     if level not in LEVELS:
         raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
-    if threshold_rule not in THRESHOLD_RULES:
-        raise ValueError(f"threshold_rule must be one of {THRESHOLD_RULES}, got {threshold_rule!r}")
+    check_threshold_rule(threshold_rule)
     methods = {name: Path(folder) for name, folder in (methods or {DEFAULT_METHOD: output_dir}).items()}
     first = next(iter(methods))
     validation = _validation_folders(validation_output_dir, list(methods))
@@ -237,8 +236,7 @@ def _method_result(
     result["validation_auc"] = detection_metrics(validation.labels, validation.scores)["auc"] if both else math.nan
     if validation is not None and np.any(validation.labels == 0):
         normal = validation.labels == 0
-        quantile = (cross_fitted_level(validation.scores[normal], validation.case_ids[normal], fpr)
-                    if threshold_rule == "cross_fitted" else 1.0 - fpr)
+        quantile = threshold_level(validation.scores[normal], validation.case_ids[normal], fpr, threshold_rule)
         threshold = threshold_from_normal(validation.scores[normal], fpr, quantile)
         result.update(operating_point(labels, scores, threshold), threshold_level=quantile,
                       threshold_rule=threshold_rule, threshold_source=str(source))

@@ -97,6 +97,22 @@ def cross_fitted_level(
     return high
 
 
+def check_threshold_rule(rule: str) -> None:
+    """ValueError unless ``rule`` is one of ``THRESHOLD_RULES``."""
+    if rule not in THRESHOLD_RULES:
+        raise ValueError(f"threshold_rule must be one of {THRESHOLD_RULES}, got {rule!r}")
+
+
+def threshold_level(
+    normal_scores: Sequence[float] | np.ndarray, groups: Sequence[str] | np.ndarray, fpr: float = 0.05,
+    rule: str = "cross_fitted",
+) -> float:
+    """The quantile level of the normal validation scores that ``rule`` (one of ``THRESHOLD_RULES``) sets the
+    threshold at: ``cross_fitted_level`` over the ``groups`` (patients), or the plain ``1 - fpr``."""
+    check_threshold_rule(rule)
+    return cross_fitted_level(normal_scores, groups, fpr) if rule == "cross_fitted" else 1.0 - fpr
+
+
 def _normal_values(normal_scores: Sequence[float] | np.ndarray, fpr: float) -> np.ndarray:
     """The finite normal scores as a flat array; ValueError for an ``fpr`` outside [0, 1) or no finite score."""
     if not 0.0 <= fpr < 1.0:

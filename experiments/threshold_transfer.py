@@ -1,0 +1,113 @@
+"""How far an operating threshold's specificity moves on new patients, measured on validation patients only.
+
+One fold's held-out specificity is one draw: 11 test patients, a hundred-odd normal slices, and slices of one
+patient that move together. This tool asks the validation patients how wide that draw is. In each fold of an
+``experiments.compare`` output it splits the validation patients at random, many times, into a half that fits the
+threshold (by each of ``metrics.THRESHOLD_RULES``) and a half that the threshold is applied to, and reports the
+held-out specificity of those splits: its mean (is the rule on target?), its spread, and how often it lands within
+``--tolerance`` of the target. No test label is read for that; the test specificity of each fold (the threshold
+fitted on all the validation patients, as the comparison does) is printed beside it for the record.
+
+    python -m experiments.threshold_transfer runs/lgg_v080 --method patchgan_ranking
+
+Writes ``threshold_transfer_<method>.md`` into the run folder and prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from scripts.data.io import write_text
+from scripts.evaluation.metrics import THRESHOLD_RULES, operating_point, threshold_from_normal, threshold_level
+from scripts.outputs.formats import read_scores
+
+Normal = tuple[np.ndarray, np.ndarray]  # (scores, patient ids) of the normal slices of one inference folder
+
+
+def normal_slices(folder: Path) -> Normal:
+    """The scores and case ids of the normal (label 0) slices in an inference folder's ``slice_scores.csv``."""
+    _, slices = read_scores(folder)
+    if "label" not in slices:
+        raise ValueError(f"{folder}: no labelled slice scores")
+    normal = slices["label"] == 0
+    return slices["score"][normal].astype(np.float64), np.asarray(slices["case_id"])[normal]
+
+
+def specificity_at(fit: Normal, applied: np.ndarray, rule: str, fpr: float) -> float:
+    """Specificity of the ``applied`` normal scores at the threshold that ``rule`` fits on ``fit``."""
+    level = threshold_level(fit[0], fit[1], fpr, rule)
+    threshold = threshold_from_normal(fit[0], fpr, level)
+    return operating_point(np.zeros(applied.size), applied, threshold)["specificity"]
+
+
+def nested_specificities(validation: Normal, rule: str, fpr: float, repeats: int, seed: int) -> np.ndarray:
+    """Held-out specificity of ``repeats`` random halvings of the validation patients: the threshold fitted on one
+    half (the larger when odd), applied to the other."""
+    scores, groups = validation
+    names = np.unique(groups)
+    if names.size < 4:
+        raise ValueError(f"{names.size} validation patients: too few to halve into a fitting and a held-out part")
+    rng = np.random.default_rng(seed)
+    out = np.empty(repeats)
+    for k in range(repeats):
+        fitting = np.isin(groups, rng.permutation(names)[: (names.size + 1) // 2])
+        out[k] = specificity_at((scores[fitting], groups[fitting]), scores[~fitting], rule, fpr)
+    return out
+
+
+def transfer_table(
+    run: Path, method: str, fpr: float = 0.05, tolerance: float = 0.05, repeats: int = 200, seed: int = 0
+) -> str:
+    """The markdown table of every threshold rule over the folds of ``run`` (see the module docstring)."""
+    folds = sorted(path for path in run.glob("fold_*") if (path / method / "validation").is_dir())
+    if not folds:
+        raise ValueError(f"{run}: no fold_*/{method}/validation folder (an experiments.compare output?)")
+    data = [(normal_slices(fold / method / "validation"), normal_slices(fold / method)[0]) for fold in folds]
+    target = 1.0 - fpr
+    lines = [
+        f"Held-out specificity of `{method}` (target {target:.2f}, tolerance {tolerance:.2f}): validation patients "
+        f"halved {repeats} times per fold (seed {seed}), and the test patients of each fold.", "",
+        "| threshold rule | halved validation: mean | sd | within tolerance | test, per fold | test folds within |",
+        "| --- | ---: | ---: | ---: | --- | ---: |",
+    ]
+    for rule in THRESHOLD_RULES:
+        nested = np.concatenate([nested_specificities(val, rule, fpr, repeats, seed + i) for i, (val, _) in
+                                 enumerate(data)])
+        test = np.array([specificity_at(val, normal_test, rule, fpr) for val, normal_test in data])
+        within = np.abs(nested - target) <= tolerance + 1e-12
+        lines.append(f"| {rule} | {nested.mean():.3f} | {nested.std():.3f} | {within.mean():.2f} | "
+                     f"{', '.join(f'{value:.3f}' for value in test)} | "
+                     f"{int(np.sum(np.abs(test - target) <= tolerance + 1e-12))} of {test.size} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run", type=Path, help="an experiments.compare output folder (fold_*/METHOD/validation)")
+    parser.add_argument("--method", default="patchgan_ranking")
+    parser.add_argument("--fpr", type=float, default=0.05, help="target false positive rate (default 0.05)")
+    parser.add_argument("--tolerance", type=float, default=0.05, help="how far from the target counts as on it")
+    parser.add_argument("--repeats", type=int, default=200, help="random halvings per fold")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if Path(args.method).name != args.method or args.method in ("", ".", ".."):
+        print(f"error: --method {args.method!r} is not a method folder name", file=sys.stderr)
+        return 2
+    try:
+        table = transfer_table(args.run, args.method, args.fpr, args.tolerance, args.repeats, args.seed)
+    except (OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    path = args.run / f"threshold_transfer_{args.method}.md"
+    write_text(path, table)
+    print(table + f"\nwritten to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
