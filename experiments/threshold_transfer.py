@@ -51,13 +51,22 @@ def nested_specificities(validation: Normal, rule: str, fpr: float, repeats: int
     scores, groups = validation
     names = np.unique(groups)
     if names.size < 4:
-        raise ValueError(f"{names.size} validation patients: too few to halve into a fitting and a held-out part")
+        raise ValueError(f"{names.size} validation patient(s) with normal slices: too few (at least 4) to halve "
+                         "into a fitting and a held-out part")
     rng = np.random.default_rng(seed)
     out = np.empty(repeats)
     for k in range(repeats):
         fitting = np.isin(groups, rng.permutation(names)[: (names.size + 1) // 2])
         out[k] = specificity_at((scores[fitting], groups[fitting]), scores[~fitting], rule, fpr)
     return out
+
+
+def _nested(folder: Path, validation: Normal, rule: str, fpr: float, repeats: int, seed: int) -> np.ndarray:
+    """``nested_specificities`` with the method folder named in its error."""
+    try:
+        return nested_specificities(validation, rule, fpr, repeats, seed)
+    except ValueError as error:
+        raise ValueError(f"{folder / 'validation'}: {error}") from error
 
 
 def transfer_table(
@@ -76,8 +85,8 @@ def transfer_table(
         "| --- | ---: | ---: | ---: | --- | ---: |",
     ]
     for rule in THRESHOLD_RULES:
-        nested = np.concatenate([nested_specificities(val, rule, fpr, repeats, seed + i) for i, (val, _) in
-                                 enumerate(data)])
+        nested = np.concatenate([_nested(fold / method, val, rule, fpr, repeats, seed + i)
+                                 for i, (fold, (val, _)) in enumerate(zip(folds, data, strict=True))])
         test = np.array([specificity_at(val, normal_test, rule, fpr) for val, normal_test in data])
         within = np.abs(nested - target) <= tolerance + 1e-12
         lines.append(f"| {rule} | {nested.mean():.3f} | {nested.std():.3f} | {within.mean():.2f} | "

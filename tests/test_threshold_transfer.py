@@ -53,7 +53,7 @@ def test_a_folder_without_folds_or_with_too_few_patients_is_an_error_in_words(tm
     assert "no fold_*/patchgan_ranking/validation" in capsys.readouterr().err
     assert main([str(tmp_path), "--method", "../elsewhere"]) == 2  # the table is written inside the run folder only
     scores, ids = patients(np.random.default_rng(2), 3, 1.0, "p")
-    with pytest.raises(ValueError, match="3 validation patients"):
+    with pytest.raises(ValueError, match="3 validation patient"):
         nested_specificities((scores, ids), "cross_fitted", 0.05, repeats=5, seed=0)
     with pytest.raises(ValueError, match="threshold_rule"):
         nested_specificities(patients(np.random.default_rng(3), 6, 1.0, "p"), "median", 0.05, repeats=2, seed=0)
