@@ -23,25 +23,26 @@ from pathlib import Path
 import numpy as np
 
 from scripts.data.io import write_text
-from scripts.evaluation.metrics import THRESHOLD_RULES, operating_point, threshold_from_normal, threshold_level
+from scripts.evaluation.evaluate import labelled_rows
+from scripts.evaluation.metrics import THRESHOLD_RULES, operating_point, operating_threshold
 from scripts.outputs.formats import read_scores
 
 Normal = tuple[np.ndarray, np.ndarray]  # (scores, patient ids) of the normal slices of one inference folder
 
 
-def normal_slices(folder: Path) -> Normal:
-    """The scores and case ids of the normal (label 0) slices in an inference folder's ``slice_scores.csv``."""
-    _, slices = read_scores(folder)
-    if "label" not in slices:
+def normal_slices(folder: Path, method: str) -> Normal:
+    """The scores and case ids of the normal slices in an inference folder's ``slice_scores.csv``, among the rows
+    that the evaluation counts (``evaluate.labelled_rows``: a known label and a finite score)."""
+    rows = labelled_rows(method, read_scores(folder)[1], "score")
+    if rows is None:
         raise ValueError(f"{folder}: no labelled slice scores")
-    normal = slices["label"] == 0
-    return slices["score"][normal].astype(np.float64), np.asarray(slices["case_id"])[normal]
+    normal = rows.labels == 0
+    return rows.scores[normal].astype(np.float64), rows.case_ids[normal]
 
 
 def specificity_at(fit: Normal, applied: np.ndarray, rule: str, fpr: float) -> float:
     """Specificity of the ``applied`` normal scores at the threshold that ``rule`` fits on ``fit``."""
-    level = threshold_level(fit[0], fit[1], fpr, rule)
-    threshold = threshold_from_normal(fit[0], fpr, level)
+    threshold, _ = operating_threshold(fit[0], fit[1], fpr, rule)
     return operating_point(np.zeros(applied.size), applied, threshold)["specificity"]
 
 
@@ -76,8 +77,13 @@ def transfer_table(
     folds = sorted(path for path in run.glob("fold_*") if (path / method / "validation").is_dir())
     if not folds:
         raise ValueError(f"{run}: no fold_*/{method}/validation folder (an experiments.compare output?)")
-    data = [(normal_slices(fold / method / "validation"), normal_slices(fold / method)[0]) for fold in folds]
+    data = [(normal_slices(fold / method / "validation", method), normal_slices(fold / method, method)[0])
+            for fold in folds]
     target = 1.0 - fpr
+
+    def within(specificities: np.ndarray) -> np.ndarray:
+        return np.abs(specificities - target) <= tolerance + 1e-12
+
     lines = [
         f"Held-out specificity of `{method}` (target {target:.2f}, tolerance {tolerance:.2f}): validation patients "
         f"halved {repeats} times per fold (seed {seed}), and the test patients of each fold.", "",
@@ -88,10 +94,8 @@ def transfer_table(
         nested = np.concatenate([_nested(fold / method, val, rule, fpr, repeats, seed + i)
                                  for i, (fold, (val, _)) in enumerate(zip(folds, data, strict=True))])
         test = np.array([specificity_at(val, normal_test, rule, fpr) for val, normal_test in data])
-        within = np.abs(nested - target) <= tolerance + 1e-12
-        lines.append(f"| {rule} | {nested.mean():.3f} | {nested.std():.3f} | {within.mean():.2f} | "
-                     f"{', '.join(f'{value:.3f}' for value in test)} | "
-                     f"{int(np.sum(np.abs(test - target) <= tolerance + 1e-12))} of {test.size} |")
+        lines.append(f"| {rule} | {nested.mean():.3f} | {nested.std():.3f} | {within(nested).mean():.2f} | "
+                     f"{', '.join(f'{value:.3f}' for value in test)} | {int(within(test).sum())} of {test.size} |")
     return "\n".join(lines) + "\n"
 
 

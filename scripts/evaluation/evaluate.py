@@ -49,11 +49,10 @@ from scripts.evaluation.metrics import (
     level_adjusted_auc,
     level_dependence,
     operating_point,
+    operating_threshold,
     pixel_metrics,
     region_pixels,
     subsample,
-    threshold_from_normal,
-    threshold_level,
 )
 from scripts.evaluation.plots import TRIVIAL_PREFIX, plot_roc, plot_score_distribution
 from scripts.evaluation.report import json_safe, metrics_markdown
@@ -190,13 +189,13 @@ def _method_series(tables: Mapping[str, tuple[Columns, Columns]], level: str, tr
         wanted += [(column, trivial_source, column) for column in references]
     out: dict[str, Rows] = {}
     for method, table, column in wanted:
-        picked = _labelled_rows(method, columns[table], column)
+        picked = labelled_rows(method, columns[table], column)
         if picked is not None:
             out[method] = picked
     return out
 
 
-def _labelled_rows(method: str, columns: Columns, column: str) -> Rows | None:
+def labelled_rows(method: str, columns: Columns, column: str) -> Rows | None:
     """The rows with a known label and a score, or None (logged) when there are none. A table without case ids
     (an older or hand-made one) counts every row as its own case.
 
@@ -236,8 +235,8 @@ def _method_result(
     result["validation_auc"] = detection_metrics(validation.labels, validation.scores)["auc"] if both else math.nan
     if validation is not None and np.any(validation.labels == 0):
         normal = validation.labels == 0
-        quantile = threshold_level(validation.scores[normal], validation.case_ids[normal], fpr, threshold_rule)
-        threshold = threshold_from_normal(validation.scores[normal], fpr, quantile)
+        threshold, quantile = operating_threshold(validation.scores[normal], validation.case_ids[normal], fpr,
+                                                  threshold_rule)
         result.update(operating_point(labels, scores, threshold), threshold_level=quantile,
                       threshold_rule=threshold_rule, threshold_source=str(source))
     else:

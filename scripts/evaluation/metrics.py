@@ -113,6 +113,16 @@ def threshold_level(
     return cross_fitted_level(normal_scores, groups, fpr) if rule == "cross_fitted" else 1.0 - fpr
 
 
+def operating_threshold(
+    normal_scores: Sequence[float] | np.ndarray, groups: Sequence[str] | np.ndarray, fpr: float = 0.05,
+    rule: str = "cross_fitted",
+) -> tuple[float, float]:
+    """``(threshold, level)``: the threshold that ``rule`` fits on the normal validation scores of the patients
+    ``groups`` (``threshold_level``, then ``threshold_from_normal`` at that level)."""
+    level = threshold_level(normal_scores, groups, fpr, rule)
+    return threshold_from_normal(normal_scores, fpr, level), level
+
+
 def _normal_values(normal_scores: Sequence[float] | np.ndarray, fpr: float) -> np.ndarray:
     """The finite normal scores as a flat array; ValueError for an ``fpr`` outside [0, 1) or no finite score."""
     if not 0.0 <= fpr < 1.0:
