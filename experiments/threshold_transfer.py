@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from scripts.data.io import write_text
+from scripts.data.rules import check_case_id
 from scripts.evaluation.evaluate import labelled_rows
 from scripts.evaluation.metrics import THRESHOLD_RULES, operating_point, operating_threshold
 from scripts.outputs.formats import read_scores
@@ -108,10 +109,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=200, help="random halvings per fold")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if Path(args.method).name != args.method or args.method in ("", ".", ".."):
-        print(f"error: --method {args.method!r} is not a method folder name", file=sys.stderr)
-        return 2
     try:
+        check_case_id(args.method, "--method", "method folder")
         table = transfer_table(args.run, args.method, args.fpr, args.tolerance, args.repeats, args.seed)
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -130,15 +130,16 @@ def file_case_id(path: str | Path) -> str:
     return strip_suffix(name, (*VOLUME_SUFFIXES, *IMAGE_2D_SUFFIXES)) or Path(name).stem
 
 
-def check_case_id(case_id: object, source: str = "datalist") -> str:
-    """``case_id`` if it is safe as a file-name stem, else ``InputError`` naming it.
+def check_case_id(case_id: object, source: str = "datalist", what: str = "case id") -> str:
+    """``case_id`` if it is safe as a file-name stem, else ``InputError`` naming it (as ``what``).
 
     Case ids name output files (heatmaps, overlays, cache entries): an id such as ``../../x`` or ``/tmp/x`` would
     write outside the output folder, so only letters, digits and ``._+-`` are accepted (not leading with a dot).
+    Other names that become file or folder names (a research tool's method folder) follow the same rule.
     """
     text = str(case_id)
     if not SAFE_CASE_ID.match(text) or text in (".", ".."):
-        raise InputError(f"{source}: case id {text!r} cannot name an output file: use letters, digits and ._+- only "
+        raise InputError(f"{source}: {what} {text!r} cannot name an output file: use letters, digits and ._+- only "
                          "(no path separators, no leading dot)")
     return text
 

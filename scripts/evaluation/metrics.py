@@ -103,23 +103,15 @@ def check_threshold_rule(rule: str) -> None:
         raise ValueError(f"threshold_rule must be one of {THRESHOLD_RULES}, got {rule!r}")
 
 
-def threshold_level(
-    normal_scores: Sequence[float] | np.ndarray, groups: Sequence[str] | np.ndarray, fpr: float = 0.05,
-    rule: str = "cross_fitted",
-) -> float:
-    """The quantile level of the normal validation scores that ``rule`` (one of ``THRESHOLD_RULES``) sets the
-    threshold at: ``cross_fitted_level`` over the ``groups`` (patients), or the plain ``1 - fpr``."""
-    check_threshold_rule(rule)
-    return cross_fitted_level(normal_scores, groups, fpr) if rule == "cross_fitted" else 1.0 - fpr
-
-
 def operating_threshold(
     normal_scores: Sequence[float] | np.ndarray, groups: Sequence[str] | np.ndarray, fpr: float = 0.05,
     rule: str = "cross_fitted",
 ) -> tuple[float, float]:
-    """``(threshold, level)``: the threshold that ``rule`` fits on the normal validation scores of the patients
-    ``groups`` (``threshold_level``, then ``threshold_from_normal`` at that level)."""
-    level = threshold_level(normal_scores, groups, fpr, rule)
+    """``(threshold, level)``: the threshold that ``rule`` (one of ``THRESHOLD_RULES``) fits on the normal
+    validation scores of the patients ``groups``, and the quantile level it sits at: ``cross_fitted_level`` over
+    the patients, or the plain ``1 - fpr`` (``threshold_from_normal``)."""
+    check_threshold_rule(rule)
+    level = cross_fitted_level(normal_scores, groups, fpr) if rule == "cross_fitted" else 1.0 - fpr
     return threshold_from_normal(normal_scores, fpr, level), level
 
 
