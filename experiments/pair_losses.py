@@ -14,14 +14,13 @@ Writes ``pair_losses_<method>.md`` into the run folder and prints it.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from scripts.data.io import write_text
+from experiments.reports import run_parser, write_run_report
 from scripts.data.rules import check_case_id
 from scripts.evaluation.evaluate import Rows, labelled_rows, read_tables
 
@@ -68,24 +67,15 @@ def losses_table(run: Path, method: str, folds: Sequence[str], columns: Sequence
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("run", type=Path, help="an experiments.compare output folder (fold_*/METHOD)")
-    parser.add_argument("--method", default="patchgan_ranking")
+    parser = run_parser(__doc__, "fold_*/METHOD")
     parser.add_argument("--fold", action="append", default=[], help="a fold folder name (repeatable; default: all)")
     parser.add_argument("--column", action="append", default=[],
                         help=f"a score column of slice_scores.csv or a derived reference (repeatable; default: "
                              f"{', '.join(DEFAULT_COLUMNS)})")
     args = parser.parse_args(argv)
-    try:
-        check_case_id(args.method, "--method", "method folder")
-        table = losses_table(args.run, args.method, args.fold, args.column or DEFAULT_COLUMNS)
-    except (OSError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    path = args.run / f"pair_losses_{args.method}.md"
-    write_text(path, table)
-    print(table + f"\nwritten to {path}")
-    return 0
+    columns = args.column or DEFAULT_COLUMNS
+    return write_run_report(args.run, "pair_losses", args.method,
+                            lambda: losses_table(args.run, args.method, args.fold, columns))
 
 
 if __name__ == "__main__":

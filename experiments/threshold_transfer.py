@@ -15,15 +15,13 @@ Writes ``threshold_transfer_<method>.md`` into the run folder and prints it.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from scripts.data.io import write_text
-from scripts.data.rules import check_case_id
+from experiments.reports import run_parser, write_run_report
 from scripts.evaluation.evaluate import labelled_rows
 from scripts.evaluation.metrics import THRESHOLD_RULES, operating_point, operating_threshold
 from scripts.outputs.formats import read_scores
@@ -101,24 +99,14 @@ def transfer_table(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("run", type=Path, help="an experiments.compare output folder (fold_*/METHOD/validation)")
-    parser.add_argument("--method", default="patchgan_ranking")
+    parser = run_parser(__doc__, "fold_*/METHOD/validation")
     parser.add_argument("--fpr", type=float, default=0.05, help="target false positive rate (default 0.05)")
     parser.add_argument("--tolerance", type=float, default=0.05, help="how far from the target counts as on it")
     parser.add_argument("--repeats", type=int, default=200, help="random halvings per fold")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    try:
-        check_case_id(args.method, "--method", "method folder")
-        table = transfer_table(args.run, args.method, args.fpr, args.tolerance, args.repeats, args.seed)
-    except (OSError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    path = args.run / f"threshold_transfer_{args.method}.md"
-    write_text(path, table)
-    print(table + f"\nwritten to {path}")
-    return 0
+    return write_run_report(args.run, "threshold_transfer", args.method, lambda: transfer_table(
+        args.run, args.method, args.fpr, args.tolerance, args.repeats, args.seed))
 
 
 if __name__ == "__main__":
